@@ -1,0 +1,5 @@
+import sys
+
+from RubikSSLLib.cli import main
+
+sys.exit(main())

@@ -1,0 +1,85 @@
+"""Checkpoints and model files: safetensors only (never pickle), one file per save, written atomically.
+
+Each file's header metadata carries {"format": FORMAT, "kind": ..., "card" or "state": JSON}, so a file is
+self-describing and a kill between two writes can never pair weights with the wrong description.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from RubikSSLLib.errors import BadInput
+from RubikSSLLib.files import atomic_path, write_json_atomic
+
+FORMAT = "rubikssl"
+FORMAT_VERSION = 1
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], kind: str, payload_key: str, payload: dict) -> None:
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind, payload_key: json.dumps(payload)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _open(path: Path, kind: str, payload_key: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a RubikSSL safetensors file of `kind`; anything else is refused with a one-line BadInput."""
+    if not path.is_file():
+        raise BadInput(f"{path}: no such checkpoint; point to a run folder written by `rubikssl pretrain`")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            if metadata.get("format") != FORMAT:
+                raise BadInput(f"{path}: is not a RubikSSL checkpoint (no RubikSSL header); use a file written by rubikssl")
+            if metadata.get("kind") != kind:
+                raise BadInput(f"{path}: holds a RubikSSL {metadata.get('kind')!r}, not a {kind!r}; pick the right file")
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        return tensors, json.loads(metadata[payload_key])
+    except (SafetensorError, OSError, ValueError, KeyError) as error:
+        raise BadInput(f"{path}: corrupt or not a safetensors checkpoint ({str(error)[:120]}); restore it or start a new run") from None
+
+
+def save_model(path: Path, state: dict[str, torch.Tensor], card: dict) -> None:
+    """Weights + model card in one file, and a readable copy of the card as `<name>.json` beside it."""
+    _save(path, state, "model", "card", card)
+    write_json_atomic(path.with_suffix(".json"), card)
+
+
+def load_model(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, model card) of a model file written by `save_model`."""
+    return _open(path, "model", "card")
+
+
+def save_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Everything --resume needs: model weights and buffers, optimizer moments, and a JSON `state`."""
+    tensors = {f"model.{name}": t for name, t in model.state_dict().items()}
+    optimizer_state = optimizer.state_dict()
+    for index, moments in optimizer_state["state"].items():
+        for key, value in moments.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value)
+    state = {**state, "param_groups": optimizer_state["param_groups"]}
+    _save(path, tensors, "training_state", "state", state)
+
+
+def load_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """Restore model and optimizer from `save_training_state`; returns the JSON state."""
+    tensors, state = _open(path, "training_state", "state")
+    model_state = {name[len("model."):]: t for name, t in tensors.items() if name.startswith("model.")}
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except RuntimeError as error:
+        raise BadInput(f"{path}: does not fit this network ({str(error).splitlines()[0][:120]}); resume with the run's own config") from None
+    moments: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            moments.setdefault(int(index), {})[key] = tensor
+    optimizer.load_state_dict({"state": moments, "param_groups": state.pop("param_groups")})
+    return state
+

@@ -1,0 +1,223 @@
+"""The `rubikssl` command line. Exit codes: 0 ok, 1 internal error, 2 bad input, 3 cancelled."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from RubikSSLLib import __version__
+from RubikSSLLib.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK, BadInput, Cancelled
+from RubikSSLLib.progress import MODES, Reporter
+
+SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
+DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
+
+
+def voxel_triple(text: str) -> tuple[int, int, int]:
+    """'32' -> (32, 32, 32); '16,32,32' -> (z, y, x) = (16, 32, 32)."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give one integer or three as z,y,x") from None
+    if len(values) not in (1, 3):
+        raise argparse.ArgumentTypeError(f"{text!r}: give one integer or three as z,y,x")
+    return tuple(values * 3 if len(values) == 1 else values)
+
+
+def spacing(text: str) -> float | None:
+    return None if text.lower() in ("native", "none", "0") else float(text)
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cube-size", type=voxel_triple, default=(32, 32, 32), help="voxels, N or z,y,x (default 32)")
+    parser.add_argument("--jitter", type=voxel_triple, default=(6, 6, 6), help="max cube offset in its cell; gaps 0..2x (default 6)")
+    parser.add_argument("--grid", type=int, default=2, choices=(2, 3), help="cubes per axis (default 2: 2x2x2)")
+    parser.add_argument("--permutations", type=int, default=100, help="K, size of the Hamming permutation table")
+    parser.add_argument("--spacing", type=spacing, default=2.0, help="resample to this isotropic mm, or 'native' (default 2)")
+    parser.add_argument("--intensity", choices=("auto", "ct", "mri", "none"), default="auto",
+                        help="CT HU window [-1000, 1000] or MRI 0.5-99.5 percentile clip (default auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rubikssl", description="Self-supervised pretraining of 3D CNNs on CT/MRI volumes.")
+    parser.add_argument("--version", action="version", version=f"rubikssl {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain an encoder on the Rubik's cube task")
+    pretrain.add_argument("--data", nargs="+", required=True, help="volume files, folders, datalist .json, nnU-Net folder, .npz")
+    pretrain.add_argument("--out", required=True, help="run folder (checkpoints, model, metrics)")
+    pretrain.add_argument("--steps", type=int, default=2000)
+    pretrain.add_argument("--batch-size", type=int, default=8, help="puzzles per step")
+    pretrain.add_argument("--learning-rate", type=float, default=1e-3)
+    pretrain.add_argument("--eval-every", type=int, default=250, help="steps between validation + checkpoint")
+    pretrain.add_argument("--val-puzzles", type=int, default=128)
+    pretrain.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=(16, 32, 64, 128))
+    pretrain.add_argument("--norm", choices=("batch", "instance", "group"), default="batch")
+    pretrain.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: 0 on CPU, 4 on CUDA)")
+    pretrain.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    pretrain.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_common(pretrain)
+    add_data_options(pretrain)
+    pretrain.set_defaults(handler=run_pretrain)
+
+    puzzle = commands.add_parser("puzzle", help="scramble a volume (and solve it with a model) for viewing")
+    puzzle.add_argument("--volume", nargs="+", required=True, help="the channel files of one case")
+    puzzle.add_argument("--out", required=True, help="output folder")
+    puzzle.add_argument("--model", help="a pretraining run folder: also record its solution")
+    puzzle.add_argument("--seed", type=int, default=0)
+    puzzle.add_argument("--progress", choices=MODES, default="bar")
+    add_data_options(puzzle)
+    puzzle.set_defaults(handler=run_puzzle)
+
+    probe = commands.add_parser("probe", help="print versions and devices as JSON")
+    probe.set_defaults(handler=run_probe, progress="none")
+
+    demo = commands.add_parser("demo", help="pretrain on the bundled sample volumes, then scramble and solve one")
+    demo.add_argument("--out", default="rubikssl-demo", help="output folder (default ./rubikssl-demo)")
+    demo.add_argument("--steps", type=int, default=600)
+    add_common(demo)
+    demo.set_defaults(handler=run_demo)
+    return parser
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--progress", choices=MODES, default="bar", help="bar (people), json (programs), none")
+
+
+def data_settings(args: argparse.Namespace) -> dict:
+    """The PretrainConfig fields that shape the puzzle and the preprocessing."""
+    from RubikSSLLib.intensity import IntensityRecipe
+    from RubikSSLLib.puzzle import PuzzleSpec
+
+    return {"puzzle": PuzzleSpec(args.grid, args.cube_size, args.jitter, args.permutations),
+            "intensity": IntensityRecipe(args.intensity), "spacing_mm": args.spacing}
+
+
+def pretrain_config(args: argparse.Namespace):
+    from RubikSSLLib import datasources
+    from RubikSSLLib.config import PretrainConfig
+    from RubikSSLLib.networks import EncoderConfig
+
+    in_channels = len(datasources.resolve(args.data).train[0].channels)
+    return PretrainConfig(
+        data=list(args.data), out=args.out, steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, eval_every=args.eval_every, val_puzzles=args.val_puzzles,
+        encoder=EncoderConfig(in_channels, args.widths, (1,) + (2,) * (len(args.widths) - 1), args.norm),
+        seed=args.seed, device=args.device, precision=args.precision, workers=args.workers, **data_settings(args),
+    )
+
+
+def run_pretrain(args: argparse.Namespace, reporter: Reporter) -> int:
+    from RubikSSLLib import rundir, training
+    from RubikSSLLib.config import PretrainConfig
+
+    stored = Path(args.out) / rundir.CONFIG
+    if args.resume and stored.exists():
+        config = PretrainConfig.read(stored)  # the run's own settings; only the budget and the device may change
+        config.steps, config.device, config.workers = args.steps, args.device, args.workers
+    else:
+        config = pretrain_config(args)
+    metrics = training.Pretraining(config, reporter, resume=args.resume).run()
+    reporter.done("ok", EXIT_OK, **metrics)
+    return EXIT_OK
+
+
+def run_puzzle(args: argparse.Namespace, reporter: Reporter) -> int:
+    import numpy as np
+
+    from RubikSSLLib import puzzle, puzzleview, training
+    from RubikSSLLib.config import PretrainConfig
+
+    model = None
+    if args.model:
+        model, card = training.load_pretrained(args.model)
+        config = PretrainConfig.from_json(card["config"])
+        table = np.array(card["permutations"], dtype=np.int64)
+    else:
+        config = PretrainConfig(data=list(args.volume), out=args.out, **data_settings(args))
+        spec = config.puzzle
+        table = puzzle.permutation_table(spec.num_cubes, spec.num_permutations, spec.permutation_seed)
+    record = puzzleview.write_puzzle(list(args.volume), Path(args.out), config, table, args.seed, model)
+    for kind, name in puzzleview.OUTPUTS.items():
+        reporter.artifact(str(Path(args.out) / name), kind)
+    summary = {"permutation_index": record["permutation_index"]}
+    if "prediction" in record:
+        prediction = record["prediction"]
+        summary.update(order_correct=prediction["order_correct"],
+                       cubes_placed_correctly=sum(prediction["cube_placed_correctly"]),
+                       cubes_oriented_correctly=sum(prediction["cube_oriented_correctly"]))
+    reporter.log(f"wrote {args.out}: " + json.dumps(summary))
+    reporter.done("ok", EXIT_OK, **summary)
+    return EXIT_OK
+
+
+def run_probe(args: argparse.Namespace, reporter: Reporter) -> int:
+    import torch
+
+    from RubikSSLLib.training import versions
+
+    devices = [{"type": "cpu", "threads": torch.get_num_threads(), "cores": os.cpu_count()}]
+    for index in range(torch.cuda.device_count()):
+        properties = torch.cuda.get_device_properties(index)
+        devices.append({"type": "cuda", "index": index, "name": properties.name,
+                        "memory_gib": round(properties.total_memory / 2**30, 2)})
+    print(json.dumps({"versions": versions(), "cuda_available": torch.cuda.is_available(), "devices": devices}))
+    return EXIT_OK
+
+
+def run_demo(args: argparse.Namespace, reporter: Reporter) -> int:
+    """Pretrain on the bundled volumes for a few minutes on CPU, then scramble a held-out volume and solve it."""
+    from RubikSSLLib import checkpoint, rundir
+
+    volumes = sorted(str(p) for p in SAMPLE_DATA.glob("*.nii.gz"))
+    if not volumes:
+        raise BadInput(f"{SAMPLE_DATA}: the bundled sample volumes are missing; reinstall rubikssl")
+    run = Path(args.out) / "pretrain"
+    resume = ["--resume"] if (run / rundir.CONFIG).exists() else []
+    common = ["--seed", str(args.seed), "--progress", args.progress]
+    run_pretrain(build_parser().parse_args(
+        ["pretrain", "--data", *volumes, "--out", str(run), "--steps", str(args.steps),
+         "--eval-every", str(max(1, args.steps // 4)), "--device", args.device, *common, *resume]), reporter)
+    _, card = checkpoint.load_model(run / rundir.BEST_MODEL)
+    held_out = card["data"]["validation"][0]["channels"][0]["path"]
+    return run_puzzle(build_parser().parse_args(
+        ["puzzle", "--volume", held_out, "--out", str(Path(args.out) / "puzzle"), "--model", str(run), *common]), reporter)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    reporter = Reporter(args.progress)
+    try:
+        return args.handler(args, reporter)
+    except BadInput as error:
+        return fail(reporter, str(error), EXIT_BAD_INPUT)
+    except Cancelled as error:
+        print(f"rubikssl: cancelled: {error}", file=sys.stderr)
+        reporter.done("cancelled", EXIT_CANCELLED, message=str(error))
+        return EXIT_CANCELLED
+    except OSError as error:
+        if error.errno in DISK_ERRORS:
+            return fail(reporter, f"{error.filename or 'output'}: {error.strerror}; free disk space or choose a writable --out", EXIT_BAD_INPUT)
+        traceback.print_exc()
+        return fail(reporter, f"internal error: {error}", EXIT_INTERNAL)
+    except Exception as error:  # noqa: BLE001 - the last line of defence prints the traceback
+        traceback.print_exc()
+        return fail(reporter, f"internal error: {type(error).__name__}: {error}", EXIT_INTERNAL)
+
+
+def fail(reporter: Reporter, message: str, code: int) -> int:
+    message = " ".join(message.split())
+    print(f"rubikssl: error: {message}", file=sys.stderr)
+    reporter.error(message, code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Intensity recipes: map raw voxel values to about [0, 1] before cutting cubes. Recorded in every config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from RubikSSLLib.errors import BadInput
+
+CT_DETECTION_HU = -500.0  # a volume whose 1st percentile is below this is taken as CT in HU
+
+
+@dataclass(frozen=True)
+class IntensityRecipe:
+    """kind: auto (CT if the 1st percentile < -500, else MRI) | ct (HU window) | mri (percentile clip) | none."""
+
+    kind: str = "auto"
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    mri_percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("auto", "ct", "mri", "none"):
+            raise BadInput(f"intensity recipe {self.kind!r} unknown; use auto, ct, mri or none")
+
+
+@dataclass(frozen=True)
+class IntensityMap:
+    """Per-channel affine map to [0, 1] with clipping: (x - low) / (high - low). Arrays have shape (C,)."""
+
+    low: np.ndarray
+    high: np.ndarray
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """array: (C, ...) any dtype -> float32 clipped to [0, 1]."""
+        shape = (-1,) + (1,) * (array.ndim - 1)
+        low = self.low.reshape(shape).astype(np.float32)
+        span = np.maximum(self.high - self.low, 1e-6).reshape(shape).astype(np.float32)
+        return np.clip((array.astype(np.float32) - low) / span, 0.0, 1.0)
+
+
+def fit(array: np.ndarray, recipe: IntensityRecipe) -> IntensityMap:
+    """Fit the recipe to one case's (C, Z, Y, X) array (percentiles on a strided sample for speed)."""
+    sample = array[:, ::2, ::2, ::2].reshape(array.shape[0], -1).astype(np.float32)
+    lows, highs = [], []
+    for channel in sample:
+        kind = recipe.kind
+        if kind == "auto":
+            kind = "ct" if np.percentile(channel, 1) < CT_DETECTION_HU else "mri"
+        if kind == "ct":
+            low, high = recipe.ct_window
+        elif kind == "mri":
+            low, high = np.percentile(channel, recipe.mri_percentiles)
+        else:
+            low, high = channel.min(), channel.max()
+        if high <= low:
+            low, high = channel.min(), channel.max()
+        lows.append(low)
+        highs.append(high)
+    return IntensityMap(np.array(lows, dtype=np.float32), np.array(highs, dtype=np.float32))
+
+
+def foreground_box(mapped: np.ndarray, threshold: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+    """(start, stop) (z, y, x) bounding box of voxels above `threshold` in any channel of a mapped (C, Z, Y, X)
+    array; the whole volume if nothing is above it."""
+    mask = (mapped > threshold).any(axis=0)
+    if not mask.any():
+        return np.zeros(3, dtype=int), np.array(mask.shape)
+    start = [int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0]) for axis in range(3)]
+    stop = [int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[-1]) + 1 for axis in range(3)]
+    return np.array(start), np.array(stop)

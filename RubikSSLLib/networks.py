@@ -1,0 +1,120 @@
+"""Networks. One 3D encoder module serves every task: the pretext heads here, and later the U-Net and classifier.
+
+Tensors are (B, C, Z, Y, X). The encoder returns one feature map per stage (the U-Net's skips); stage s has
+`widths[s]` channels at 1 / (2 ** (s + 1)) of the input resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """VGG-style 3D encoder: stage 0 is a stride-2 stem (3x faster on CPU than a full-resolution first conv),
+    later stages max-pool by 2 then run `depths[s]` 3x3x3 conv + norm + ReLU blocks."""
+
+    in_channels: int = 1
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    depths: tuple[int, ...] = (1, 2, 2, 2)
+    norm: str = "batch"  # batch | instance | group
+
+    def __post_init__(self) -> None:
+        if len(self.widths) != len(self.depths) or min(self.depths) < 1:
+            raise ValueError(f"widths {self.widths} and depths {self.depths} need one positive depth per stage")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ValueError(f"unknown norm {kind!r}; use batch, instance or group")
+
+
+def conv_block(in_channels: int, out_channels: int, norm: str, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        _norm(norm, out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class Encoder(nn.Module):
+    """Shared 3D encoder. forward(x: (B, C, Z, Y, X)) -> list of stage feature maps, finest first."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        stages = []
+        channels = config.in_channels
+        for index, (width, depth) in enumerate(zip(config.widths, config.depths)):
+            blocks: list[nn.Module] = [] if index == 0 else [nn.MaxPool3d(2)]
+            blocks.append(conv_block(channels, width, config.norm, stride=2 if index == 0 else 1))
+            blocks += [conv_block(width, width, config.norm) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            channels = width
+        self.stages = nn.ModuleList(stages)
+
+    @property
+    def out_channels(self) -> int:
+        return self.config.widths[-1]
+
+    @property
+    def downsampling(self) -> int:
+        """Total resolution factor between the input and the last stage."""
+        return 2 ** len(self.config.widths)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = []
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers with ReLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for index, (size_in, size_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(size_in, size_out))
+        if index < len(sizes) - 2:
+            layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+class RubikNet(nn.Module):
+    """Siamese-Octad: the encoder runs on every cube with shared weights; per cube GAP -> FC64 + ReLU + BN;
+    the M codes are concatenated; order head FC1024-FC1024-FC K; rotation heads FC1024-FC M (kept shallow:
+    deeper rotation heads collapsed in the Medical-SSL ablation)."""
+
+    def __init__(self, encoder: Encoder, num_cubes: int, num_permutations: int, code_size: int = 64) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.num_cubes = num_cubes
+        self.project = nn.Sequential(nn.Linear(encoder.out_channels, code_size), nn.ReLU(inplace=True), nn.BatchNorm1d(code_size))
+        joint = num_cubes * code_size
+        self.order_head = mlp([joint, 1024, 1024, num_permutations])
+        self.hor_head = mlp([joint, 1024, num_cubes])
+        self.ver_head = mlp([joint, 1024, num_cubes])
+
+    def forward(self, cubes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """cubes: (B, M, C, cz, cy, cx) -> logits: order (B, K), hor (B, M), ver (B, M)."""
+        batch, cubes_per_puzzle = cubes.shape[:2]
+        features = self.encoder(cubes.flatten(0, 1))[-1]
+        codes = self.project(features.mean(dim=(2, 3, 4)).float())
+        joint = codes.reshape(batch, cubes_per_puzzle * codes.shape[1])
+        return {"order": self.order_head(joint), "hor": self.hor_head(joint), "ver": self.ver_head(joint)}
+
+
+def rubik_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    """0.5 * CE(order) + 0.5 * (BCE_hor + BCE_ver): the paper's equal weighting."""
+    order = nn.functional.cross_entropy(logits["order"].float(), targets["order"])
+    hor = nn.functional.binary_cross_entropy_with_logits(logits["hor"].float(), targets["hor"])
+    ver = nn.functional.binary_cross_entropy_with_logits(logits["ver"].float(), targets["ver"])
+    return 0.5 * order + 0.5 * (hor + ver)

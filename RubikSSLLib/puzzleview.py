@@ -1,0 +1,81 @@
+"""`rubikssl puzzle`: scramble one case, optionally let a model solve it, and write viewable results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from RubikSSLLib import datasources, puzzle, sampling, visualize
+from RubikSSLLib.config import PretrainConfig
+from RubikSSLLib.errors import BadInput
+from RubikSSLLib.files import write_json_atomic
+from RubikSSLLib.volumes import write_volume
+
+OUTPUTS = {
+    "original": "original.nrrd",
+    "scrambled": "scrambled.nrrd",
+    "scrambled_labels": "scrambled_labels.nrrd",
+    "recovered": "recovered.nrrd",
+    "montage": "montage.png",
+    "puzzle": "puzzle.json",
+}
+
+
+def solve(model: torch.nn.Module, cubes: np.ndarray) -> tuple[int, np.ndarray]:
+    """The model's (permutation index, per-slot rotation classes) for scrambled cubes (M, C, cz, cy, cx)."""
+    with torch.no_grad():
+        logits = model(torch.from_numpy(puzzle.normalise_cubes(cubes))[None])
+    rotations = puzzle.rotation_classes(torch.sigmoid(logits["hor"])[0].numpy(), torch.sigmoid(logits["ver"])[0].numpy())
+    return int(logits["order"].argmax(1)), rotations
+
+
+def write_puzzle(volumes: list[str], out: Path, config: PretrainConfig, table: np.ndarray, seed: int,
+                 model: torch.nn.Module | None = None) -> dict:
+    """Scramble the foreground-centred crop of one case; write the OUTPUTS into `out`; return puzzle.json's content."""
+    source = datasources.CaseSource(tuple(volumes))
+    case = sampling.prepare(datasources.load(source, config.spacing_mm, config.canonical_orientation),
+                            config.puzzle, config.intensity)
+    spec = config.puzzle
+    start = sampling.crop_start(case, spec.crop_size, None)
+    z, y, x = start
+    original = case.array[:, z : z + spec.crop_size[0], y : y + spec.crop_size[1], x : x + spec.crop_size[2]].astype(np.float32)
+    scrambled = puzzle.scramble(original, spec, table, np.random.default_rng(seed), train=False, normalise=False)
+    permutation_index, rotations = scrambled.permutation_index, scrambled.rotations
+    record: dict = {
+        "volumes": volumes, "seed": seed, "crop_start_zyx": start.tolist(), "crop_size_zyx": list(spec.crop_size),
+        "cube_size_zyx": list(spec.cube_size), "cube_starts_zyx": scrambled.starts.tolist(),
+        "permutation_index": permutation_index, "permutation": scrambled.permutation.tolist(),
+        "rotations": scrambled.rotations.tolist(), "rotation_names": list(puzzle.ROTATION_NAMES),
+        "labelmap": "scrambled_labels: slot p shows original cube permutation[p], labelled permutation[p] + 1",
+    }
+    if model is not None:
+        permutation_index, rotations = solve(model, scrambled.cubes)
+        predicted = table[permutation_index]
+        record["prediction"] = {
+            "permutation_index": permutation_index, "permutation": predicted.tolist(), "rotations": rotations.tolist(),
+            "order_correct": bool(permutation_index == scrambled.permutation_index),
+            "cube_placed_correctly": (predicted == scrambled.permutation).tolist(),
+            "cube_oriented_correctly": (rotations == scrambled.rotations).tolist(),
+        }
+    recovered_cubes = puzzle.recover(scrambled.cubes, table[permutation_index], rotations)
+    fill = float(original.min())
+    geometry = case.geometry.shifted(tuple(start))
+    views = {
+        "original": puzzle.assemble(puzzle.extract_cubes(original, scrambled.starts, spec.cube_size), scrambled.starts, spec.crop_size, fill),
+        "scrambled": puzzle.assemble(scrambled.cubes, scrambled.starts, spec.crop_size, fill),
+        "recovered": puzzle.assemble(recovered_cubes, scrambled.starts, spec.crop_size, fill),
+    }
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, view in views.items():
+            write_volume(out / OUTPUTS[name], view, geometry)
+        labels = puzzle.cube_labelmap(scrambled.starts, spec.cube_size, spec.crop_size, scrambled.permutation + 1)
+        write_volume(out / OUTPUTS["scrambled_labels"], labels, geometry)
+        visualize.write_png(out / OUTPUTS["montage"], visualize.montage([v[0] for v in views.values()]))
+        write_json_atomic(out / OUTPUTS["puzzle"], record)
+    except PermissionError as error:
+        raise BadInput(f"{out}: cannot write the puzzle outputs ({error.strerror}); choose a writable --out") from None
+    return record

@@ -1,0 +1,60 @@
+"""The run directory: its files, the lock against a second process, and the STOP request."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from RubikSSLLib.errors import BadInput
+from RubikSSLLib.files import remove_stale_temp_files
+
+CONFIG = "config.json"
+TRAINING_STATE = "checkpoint.safetensors"
+BEST_MODEL = "model.safetensors"
+LAST_MODEL = "model_last.safetensors"
+METRICS = "metrics.jsonl"
+STOP = "STOP"
+LOCK = ".lock"
+
+
+class RunDir:
+    """RUN_DIR of a pretraining or fine-tuning run. Use as a context manager to hold its lock."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._lock: FileLock | None = None
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def create(self) -> None:
+        """Make the folder and prove it is writable, so a bad --out fails before any work is done."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise BadInput(f"{self.path}: cannot write the run folder ({error.strerror}); choose a writable --out") from None
+
+    def __enter__(self) -> RunDir:
+        self.create()
+        self._lock = FileLock(str(self.file(LOCK)))
+        try:
+            self._lock.acquire(timeout=0)
+        except Timeout:
+            raise BadInput(f"{self.path}: another rubikssl process is using this run folder; wait for it or cancel it") from None
+        remove_stale_temp_files(self.path)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def stop_requested(self) -> bool:
+        return self.file(STOP).exists()
+
+    def clear_stop(self) -> None:
+        self.file(STOP).unlink(missing_ok=True)

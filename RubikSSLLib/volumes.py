@@ -1,0 +1,245 @@
+"""Reading and writing 3D volumes with their physical geometry.
+
+Arrays inside the library are (C, Z, Y, X): channel, then slice (k), row (j), column (i).
+Geometry follows ITK/DICOM: LPS world coordinates in mm, and tuples in (x, y, z) = (i, j, k) order,
+which is the reverse of the array axes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from RubikSSLLib.errors import BadInput
+from RubikSSLLib.files import atomic_path
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+CANONICAL_ORIENTATION = "LPS"  # i -> Left, j -> Posterior, k -> Superior: identity direction
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Placement of a voxel grid in LPS space.
+
+    spacing_xyz: voxel size in mm along i, j, k.
+    origin_xyz: LPS position (mm) of the centre of voxel (0, 0, 0).
+    direction: 3x3 row-major matrix whose columns are the i, j, k axis directions in LPS.
+    """
+
+    spacing_xyz: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin_xyz: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    def shifted(self, start_zyx: tuple[int, int, int]) -> Geometry:
+        """Geometry of a sub-grid whose first voxel is array index `start_zyx` of this grid."""
+        index_xyz = np.array(start_zyx[::-1], dtype=float)
+        offset = np.reshape(self.direction, (3, 3)) @ (index_xyz * np.array(self.spacing_xyz))
+        return Geometry(self.spacing_xyz, tuple(float(v) for v in np.add(self.origin_xyz, offset)), self.direction)
+
+    def matches(self, other: Geometry, tolerance: float = 1e-3) -> bool:
+        """Same grid up to `tolerance` (relative for spacing, mm for origin, absolute for direction)."""
+        return (
+            np.allclose(self.spacing_xyz, other.spacing_xyz, rtol=tolerance)
+            and np.allclose(self.origin_xyz, other.origin_xyz, atol=tolerance * max(1.0, *self.spacing_xyz))
+            and np.allclose(self.direction, other.direction, atol=tolerance)
+        )
+
+    def to_json(self) -> dict:
+        return {"spacing_xyz": list(self.spacing_xyz), "origin_xyz": list(self.origin_xyz), "direction": list(self.direction)}
+
+
+@dataclass
+class Volume:
+    """One case: `array` is (C, Z, Y, X), any real dtype; `sources` name the file of each channel."""
+
+    array: np.ndarray
+    geometry: Geometry
+    sources: list[str]
+
+    @property
+    def name(self) -> str:
+        return self.sources[0]
+
+
+def geometry_of(image: sitk.Image) -> Geometry:
+    return Geometry(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+
+def image_from_array(array_zyx: np.ndarray, geometry: Geometry) -> sitk.Image:
+    """A SimpleITK image from a (Z, Y, X) array, or a vector image from (C, Z, Y, X) with C > 1."""
+    if array_zyx.ndim == 4:
+        image = (
+            sitk.GetImageFromArray(array_zyx[0])
+            if array_zyx.shape[0] == 1
+            else sitk.GetImageFromArray(np.moveaxis(array_zyx, 0, -1), isVector=True)
+        )
+    else:
+        image = sitk.GetImageFromArray(array_zyx)
+    image.SetSpacing(geometry.spacing_xyz)
+    image.SetOrigin(geometry.origin_xyz)
+    image.SetDirection(geometry.direction)
+    return image
+
+
+def is_volume_file(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def is_dicom_file(path: Path) -> bool:
+    """DICOM Part 10 files carry 'DICM' after a 128-byte preamble, whatever their name."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(128)
+            return handle.read(4) == b"DICM"
+    except OSError:
+        return False
+
+
+def read_image(path: str | os.PathLike) -> sitk.Image:
+    """Read a volume file, or a folder holding one DICOM series (the largest if there are several)."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file or folder; check the path")
+    try:
+        if path.is_dir():
+            return _read_dicom_series(path)
+        image = sitk.ReadImage(str(path))
+        _check_complete(path)
+        return image
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1][:160] if str(error).strip() else "unreadable"
+        raise BadInput(
+            f"{path}: cannot be read as a volume ({reason}); give a NIfTI, NRRD, MHA/MHD file or a DICOM series folder"
+        ) from None
+
+
+def _nifti_bytes(path: Path) -> tuple[int, int]:
+    """(bytes the header promises, bytes present) of a .nii or .nii.gz file; (0, 0) if not a NIfTI-1/2 header."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        header = handle.read(540)
+        present = len(header)
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            present += len(block)
+    for order in "<>":
+        if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+        elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+        else:
+            continue
+        voxels = math.prod(max(1, d) for d in dims[1 : 1 + max(0, min(dims[0], 7))])
+        return max(offset, 348) + voxels * bitpix // 8, present
+    return 0, 0
+
+
+def _check_complete(path: Path) -> None:
+    """ITK zero-fills a truncated NIfTI without complaint; compare the payload with what the header promises."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return
+    try:
+        expected, present = _nifti_bytes(path)
+    except (OSError, EOFError, zlib.error) as error:
+        raise BadInput(f"{path}: is truncated or corrupt ({error}); copy the file again") from None
+    if present < expected:
+        raise BadInput(f"{path}: is truncated ({present} of {expected} bytes); copy the file again")
+
+
+def _read_dicom_series(folder: Path) -> sitk.Image:
+    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
+    if not series_ids:
+        raise BadInput(f"{folder}: folder holds no DICOM series; pass volume files or a DICOM series folder")
+    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids), key=len)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return reader.Execute()
+
+
+def _check_is_3d(image: sitk.Image, path: str) -> None:
+    size = image.GetSize()
+    if image.GetDimension() == 2 or (image.GetDimension() == 3 and min(size) == 1):
+        raise BadInput(f"{path}: is a 2D image (size {'x'.join(map(str, size))}); RubikSSL needs 3D volumes")
+    if image.GetDimension() != 3:
+        raise BadInput(
+            f"{path}: is a {image.GetDimension()}D image (size {'x'.join(map(str, size))}); "
+            "split it into 3D volumes (one file per channel or time point)"
+        )
+
+
+def resample_to_spacing(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+    """Linear resampling to isotropic `spacing_mm`, Gaussian-smoothed first along axes that get coarser."""
+    old = np.array(image.GetSpacing())
+    new = np.full(3, float(spacing_mm))
+    if np.allclose(old, new, rtol=1e-3):
+        return image
+    sigma = np.where(new > old * 1.01, np.sqrt(np.maximum(new**2 - old**2, 0.0)) / 2.355, 0.0)
+    source = sitk.Cast(image, sitk.sitkFloat32)
+    if sigma.max() > 0:
+        source = sitk.SmoothingRecursiveGaussian(source, [float(s) if s > 0 else 1e-6 for s in sigma])
+    size = [max(1, int(math.floor(n * o / s))) for n, o, s in zip(image.GetSize(), old, new)]
+    return sitk.Resample(
+        source, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), tuple(new), image.GetDirection(), 0.0,
+        sitk.sitkFloat32,
+    )
+
+
+def check_voxels(array: np.ndarray, name: str) -> None:
+    """Refuse NaN/Inf and constant volumes: the first poison training, the second teach nothing."""
+    if array.dtype.kind == "f":
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        if bad:
+            raise BadInput(f"{name}: contains {bad} NaN/Inf voxels; replace them (e.g. with 0) before using this volume")
+    low, high = array.min(), array.max()
+    if low == high:
+        raise BadInput(f"{name}: is constant (every voxel is {low}); it holds no image to learn from, remove it")
+
+
+def load_case(paths: list[str], spacing_mm: float | None = None, canonical: bool = True) -> Volume:
+    """Read the channel files of one case, check they share one grid, stack them as (C, Z, Y, X) float32.
+
+    canonical: reorient to LPS (identity direction) so that array axes mean the same anatomy in every case.
+    spacing_mm: resample to this isotropic spacing (None keeps the native grid).
+    """
+    images = []
+    for path in paths:
+        image = read_image(path)
+        _check_is_3d(image, str(path))
+        if image.GetNumberOfComponentsPerPixel() > 1:
+            raise BadInput(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; save each channel as its own 3D file")
+        images.append(image)
+    first = geometry_of(images[0])
+    for path, image in zip(paths[1:], images[1:]):
+        if image.GetSize() != images[0].GetSize() or not geometry_of(image).matches(first):
+            raise BadInput(
+                f"{path}: channel geometry differs from {paths[0]} (size {image.GetSize()} vs {images[0].GetSize()}, "
+                f"spacing/origin/direction); resample the channels onto one grid first"
+            )
+    arrays = []
+    for path, image in zip(paths, images):
+        check_voxels(sitk.GetArrayViewFromImage(image), str(path))
+        if canonical:
+            image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
+        if spacing_mm:
+            image = resample_to_spacing(image, spacing_mm)
+        arrays.append(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))
+        geometry = geometry_of(image)
+    return Volume(np.stack(arrays), geometry, [str(p) for p in paths])
+
+
+def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, compress: bool = True) -> None:
+    """Write (Z, Y, X) or (C, Z, Y, X) atomically; the format follows the extension (.nrrd, .nii.gz, ...)."""
+    image = image_from_array(np.ascontiguousarray(array), geometry)
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)

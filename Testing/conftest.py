@@ -1,0 +1,44 @@
+"""Shared fixtures: the real data in ../shared/data (RUBIKSSL_SHARED_DATA overrides) and small derived cases."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("RUBIKSSL_SHARED_DATA", REPO.parent / "shared" / "data"))
+ADRENAL = SHARED_DATA / "cls" / "adrenalmnist3d_64_trainval.npz"
+HEAD_MR = SHARED_DATA / "pretrain" / "HeadMRVolume.mhd"
+
+
+def shared(relative: str) -> Path:
+    path = SHARED_DATA / relative
+    if not path.exists():
+        pytest.fail(f"real test data missing: {path} (set RUBIKSSL_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_adrenal(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """48 training and 16 validation volumes of AdrenalMNIST3D (real, 64^3) in the archive layout."""
+    with np.load(shared("cls/adrenalmnist3d_64_trainval.npz")) as archive:
+        train, val = archive["train_images"][:48], archive["val_images"][:16]
+    path = tmp_path_factory.mktemp("adrenal") / "adrenal_small.npz"
+    np.savez(path, train_images=train, val_images=val)
+    return path
+
+
+def rubikssl(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real command line in a subprocess, as a user (or the Slicer panel) would."""
+    return subprocess.run([sys.executable, "-m", "RubikSSLLib", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, **kwargs)
+
+
+# Fast settings for runs in tests: small cubes and encoder, few steps.
+TINY_RUN = ["--cube-size", "12", "--jitter", "2", "--spacing", "native", "--widths", "8,16,32",
+            "--batch-size", "4", "--val-puzzles", "8", "--progress", "json", "--intensity", "none"]

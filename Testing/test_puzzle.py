@@ -1,0 +1,181 @@
+"""Exact invariants of the Rubik's cube puzzle."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from RubikSSLLib import puzzle
+from RubikSSLLib.errors import BadInput
+
+SPEC = puzzle.PuzzleSpec(grid=2, cube_size=(6, 8, 10), jitter=(2, 3, 1), num_permutations=100)
+
+
+@pytest.fixture(scope="module")
+def table() -> np.ndarray:
+    return puzzle.permutation_table(SPEC.num_cubes, SPEC.num_permutations, seed=0)
+
+
+def random_crop(spec: puzzle.PuzzleSpec, channels: int = 2, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(channels, *spec.crop_size)).astype(np.float32)
+
+
+def test_cubes_are_disjoint_and_inside_the_crop() -> None:
+    rng = np.random.default_rng(1)
+    for spec in (SPEC, puzzle.PuzzleSpec(grid=3, cube_size=(5, 5, 5), jitter=(3, 3, 3))):
+        for generator in (rng, None):
+            starts = puzzle.cube_starts(spec, generator)
+            coverage = np.zeros(spec.crop_size, dtype=int)
+            for z, y, x in starts:
+                assert (starts >= 0).all()
+                assert z + spec.cube_size[0] <= spec.crop_size[0]
+                assert y + spec.cube_size[1] <= spec.crop_size[1]
+                assert x + spec.cube_size[2] <= spec.crop_size[2]
+                coverage[z : z + spec.cube_size[0], y : y + spec.cube_size[1], x : x + spec.cube_size[2]] += 1
+            assert coverage.max() == 1
+            assert coverage.sum() == spec.num_cubes * np.prod(spec.cube_size)
+
+
+def test_gaps_are_random_in_training_and_centred_in_evaluation() -> None:
+    rng = np.random.default_rng(2)
+    offsets = np.stack([puzzle.cube_starts(SPEC, rng) % np.array(SPEC.cell_size) for _ in range(300)])
+    for axis, jitter in enumerate(SPEC.jitter):
+        assert set(np.unique(offsets[..., axis])) == set(range(jitter + 1))
+    centred = puzzle.cube_starts(SPEC, None) % np.array(SPEC.cell_size)
+    assert (centred == np.array(SPEC.jitter) // 2).all()
+
+
+def test_extract_matches_plain_slicing() -> None:
+    crop = random_crop(SPEC)
+    starts = puzzle.cube_starts(SPEC, np.random.default_rng(3))
+    cubes = puzzle.extract_cubes(crop, starts, SPEC.cube_size)
+    for cube, (z, y, x) in zip(cubes, starts):
+        np.testing.assert_array_equal(cube, crop[:, z : z + 6, y : y + 8, x : x + 10])
+
+
+def test_recover_inverts_scramble_bit_for_bit_for_every_permutation_and_rotation(table: np.ndarray) -> None:
+    crop = random_crop(SPEC)
+    starts = puzzle.cube_starts(SPEC, None)
+    original = puzzle.extract_cubes(crop, starts, SPEC.cube_size)
+    rng = np.random.default_rng(4)
+    for permutation in table:
+        for rotations in [np.full(8, r) for r in range(3)] + [rng.integers(0, 3, 8) for _ in range(3)]:
+            scrambled = puzzle.rotate(original[permutation], rotations)
+            np.testing.assert_array_equal(puzzle.recover(scrambled, permutation, rotations), original)
+
+
+def test_scramble_then_recover_is_identity(table: np.ndarray) -> None:
+    rng = np.random.default_rng(5)
+    crop = random_crop(SPEC)
+    for _ in range(50):
+        item = puzzle.scramble(crop, SPEC, table, rng, train=True, normalise=False)
+        recovered = puzzle.recover(item.cubes, item.permutation, item.rotations)
+        np.testing.assert_array_equal(recovered, puzzle.extract_cubes(crop, item.starts, SPEC.cube_size))
+        np.testing.assert_array_equal(item.permutation, table[item.permutation_index])
+
+
+def test_each_rotation_flips_exactly_two_axes_and_is_a_proper_rotation() -> None:
+    cube = np.random.default_rng(6).normal(size=(1, 1, 4, 5, 6))
+    for label, names in ((1, "yx"), (2, "zx")):
+        rotated = puzzle.rotate(cube, np.array([label]))[0, 0]
+        axes = tuple("zyx".index(n) for n in names)
+        np.testing.assert_array_equal(rotated, np.flip(cube[0, 0], axis=axes))
+        for single in range(3):  # never a single flip (a mirror image)
+            assert not np.array_equal(rotated, np.flip(cube[0, 0], axis=single))
+        # 180 degrees about the remaining axis: rot90 twice in the plane of the two flipped axes
+        np.testing.assert_array_equal(rotated, np.rot90(cube[0, 0], k=2, axes=axes))
+        np.testing.assert_array_equal(puzzle.rotate(puzzle.rotate(cube, np.array([label])), np.array([label])), cube)
+    assert not np.array_equal(puzzle.rotate(cube, np.array([1])), puzzle.rotate(cube, np.array([2])))
+
+
+def test_labels_are_uniform_over_all_permutations_and_rotations(table: np.ndarray) -> None:
+    rng = np.random.default_rng(7)
+    crop = random_crop(SPEC, channels=1)
+    draws = 20000
+    indices = np.empty(draws, dtype=int)
+    rotations = np.empty((draws, 8), dtype=int)
+    for i in range(draws):
+        item = puzzle.scramble(crop, SPEC, table, rng, normalise=False)
+        indices[i], rotations[i] = item.permutation_index, item.rotations
+    counts = np.bincount(indices, minlength=len(table))
+    assert counts[-1] > 0 and counts[0] > 0  # the last row is drawn (no randint(0, K-1) off-by-one)
+    assert len(counts) == len(table)
+    chi2 = ((counts - draws / len(table)) ** 2 / (draws / len(table))).sum()
+    assert chi2 < 170  # 99.99th percentile of chi2 with 99 degrees of freedom is about 163
+    rotation_share = np.bincount(rotations.ravel(), minlength=3) / rotations.size
+    np.testing.assert_allclose(rotation_share, 1 / 3, atol=0.01)
+
+
+def test_targets_encode_rotations_as_two_multi_hot_vectors(table: np.ndarray) -> None:
+    item = puzzle.scramble(random_crop(SPEC), SPEC, table, np.random.default_rng(8))
+    targets = item.targets()
+    np.testing.assert_array_equal(targets["hor"], item.rotations == 1)
+    np.testing.assert_array_equal(targets["ver"], item.rotations == 2)
+    assert targets["order"] == item.permutation_index
+    assert not (targets["hor"] * targets["ver"]).any()
+
+
+def test_table_is_deterministic_for_a_seed_and_keeps_its_promised_distance() -> None:
+    first = puzzle.permutation_table(8, 100, seed=3)
+    np.testing.assert_array_equal(first, puzzle.permutation_table(8, 100, seed=3))
+    assert not np.array_equal(first, puzzle.permutation_table(8, 100, seed=4))
+    assert first.shape == (100, 8)
+    assert all(sorted(row) == list(range(8)) for row in first)
+    assert len({tuple(row) for row in first}) == 100
+    np.testing.assert_array_equal(first[0], np.arange(8))
+    # greedy max-min selection: 5 for K = 100 of 8 cubes (Medical-SSL's max-mean table: 2)
+    assert puzzle.min_pairwise_hamming(first) >= 5
+    # brute force check of min_pairwise_hamming itself on a small table
+    small = first[:6]
+    brute = min(int(np.sum(a != b)) for a, b in itertools.combinations(small, 2))
+    assert puzzle.min_pairwise_hamming(small) == brute
+
+
+def test_three_by_three_grid_table() -> None:
+    table = puzzle.permutation_table(27, 100, seed=0)
+    assert table.shape == (100, 27)
+    assert puzzle.min_pairwise_hamming(table) >= 20
+
+
+def test_visualization_puts_each_cube_where_the_labelmap_says(table: np.ndarray) -> None:
+    crop = random_crop(SPEC, channels=1, seed=9)
+    item = puzzle.scramble(crop, SPEC, table, np.random.default_rng(10), train=True, normalise=False)
+    view = puzzle.assemble(item.cubes, item.starts, SPEC.crop_size, fill=np.nan)
+    labels = puzzle.cube_labelmap(item.starts, SPEC.cube_size, SPEC.crop_size, item.permutation + 1)
+    original = puzzle.extract_cubes(crop, item.starts, SPEC.cube_size)
+    assert np.isnan(view[0][labels == 0]).all()
+    assert set(np.unique(labels)) == set(range(9))
+    for cube_index in range(8):
+        slot = int(np.flatnonzero(item.permutation == cube_index)[0])
+        shown = view[0][labels == cube_index + 1].reshape(SPEC.cube_size)
+        expected = puzzle.rotate(original[cube_index : cube_index + 1], item.rotations[slot : slot + 1])[0, 0]
+        np.testing.assert_array_equal(shown, expected)
+
+
+def test_normalise_cubes_maps_to_minus_one_one_and_constant_cubes_to_zero() -> None:
+    cubes = np.random.default_rng(11).uniform(3, 9, size=(3, 2, 4, 4, 4)).astype(np.float32)
+    cubes[1] = 5.0
+    normalised = puzzle.normalise_cubes(cubes)
+    for cube in (0, 2):
+        for channel in range(2):
+            assert normalised[cube, channel].min() == pytest.approx(-1) and normalised[cube, channel].max() == pytest.approx(1)
+    assert (normalised[1] == 0).all() and np.isfinite(normalised).all()
+    # min-max scaling is invariant to flips, so normalising before or after scrambling gives the same cubes
+    rotations = np.array([1, 0, 2])
+    np.testing.assert_array_equal(puzzle.normalise_cubes(puzzle.rotate(cubes, rotations)), puzzle.rotate(normalised, rotations))
+
+
+def test_rotation_classes_from_probabilities() -> None:
+    hor = np.array([0.9, 0.2, 0.7, 0.3])
+    ver = np.array([0.1, 0.8, 0.9, 0.4])
+    np.testing.assert_array_equal(puzzle.rotation_classes(hor, ver), [1, 2, 2, 0])
+
+
+def test_spec_refuses_bad_shapes() -> None:
+    with pytest.raises(BadInput, match="grid 4"):
+        puzzle.PuzzleSpec(grid=4)
+    with pytest.raises(BadInput, match="cube size"):
+        puzzle.PuzzleSpec(cube_size=(2, 32, 32))
+    assert puzzle.PuzzleSpec(cube_size=(16, 32, 32), jitter=(5, 10, 10)).crop_size == (42, 84, 84)
