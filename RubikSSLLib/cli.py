@@ -193,7 +193,7 @@ def run_demo(args: argparse.Namespace, reporter: Reporter) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    reporter = Reporter(args.progress)
+    reporter = Reporter(args.progress, enabled=os.environ.get("RANK", "0") == "0")  # torchrun: rank 0 speaks
     try:
         return args.handler(args, reporter)
     except BadInput as error:

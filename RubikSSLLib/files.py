@@ -47,6 +47,7 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
 
 
 def remove_stale_temp_files(folder: Path) -> None:
-    """Delete temp files left by a killed writer (any pid): they are never the only copy of anything."""
-    for stale in folder.glob(".tmp*-*"):
+    """Delete temp files left by a killed writer: ours (.tmp<pid>-name) and safetensors' own (.tmpXXXXXX).
+    They are never the only copy of anything; call this only while holding the folder's lock."""
+    for stale in folder.glob(".tmp*"):
         stale.unlink(missing_ok=True)

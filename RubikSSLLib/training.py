@@ -208,8 +208,6 @@ class Pretraining:
         self.resume = resume
         self.device = select_device(config.device)
         self.distributed = Distributed.from_environment(self.device)
-        if not self.distributed.is_main:
-            self.reporter = Reporter("none")
         self.run_dir = rundir.RunDir(config.out)
         self.step = 0
         self.best: dict[str, float] = {}
