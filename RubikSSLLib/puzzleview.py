@@ -68,13 +68,14 @@ def write_puzzle(volumes: list[str], out: Path, config: PretrainConfig, table: n
         "scrambled": puzzle.assemble(scrambled.cubes, scrambled.starts, spec.crop_size, fill),
         "recovered": puzzle.assemble(recovered_cubes, scrambled.starts, spec.crop_size, fill),
     }
+    first_cube_centre = tuple(int(v) for v in scrambled.starts[0] + np.array(spec.cube_size) // 2)
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name, view in views.items():
             write_volume(out / OUTPUTS[name], view, geometry)
         labels = puzzle.cube_labelmap(scrambled.starts, spec.cube_size, spec.crop_size, scrambled.permutation + 1)
         write_volume(out / OUTPUTS["scrambled_labels"], labels, geometry)
-        visualize.write_png(out / OUTPUTS["montage"], visualize.montage([v[0] for v in views.values()]))
+        visualize.write_png(out / OUTPUTS["montage"], visualize.montage([v[0] for v in views.values()], first_cube_centre))
         write_json_atomic(out / OUTPUTS["puzzle"], record)
     except PermissionError as error:
         raise BadInput(f"{out}: cannot write the puzzle outputs ({error.strerror}); choose a writable --out") from None

@@ -9,10 +9,10 @@ import numpy as np
 from RubikSSLLib.files import atomic_path
 
 
-def _orthogonal_slices(volume: np.ndarray) -> list[np.ndarray]:
-    """Axial, coronal, sagittal mid-slices of a canonical LPS (Z, Y, X) volume, radiological display: patient
-    right on the image left, anterior / superior up."""
-    z, y, x = (s // 2 for s in volume.shape)
+def _orthogonal_slices(volume: np.ndarray, at_zyx: tuple[int, int, int]) -> list[np.ndarray]:
+    """Axial, coronal, sagittal slices through `at_zyx` of a canonical LPS (Z, Y, X) volume, radiological display:
+    patient right on the image left, anterior / superior up."""
+    z, y, x = at_zyx
     return [volume[z], volume[::-1, y, :], volume[::-1, :, x]]
 
 
@@ -20,11 +20,12 @@ def _to_uint8(image: np.ndarray, low: float, high: float) -> np.ndarray:
     return (np.clip((image - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
-def montage(columns: list[np.ndarray], zoom: int = 2, separator: int = 2) -> np.ndarray:
-    """(H, W) uint8 grid: one column per (Z, Y, X) volume, one row per orientation; shared 1-99% window."""
+def montage(columns: list[np.ndarray], at_zyx: tuple[int, int, int], zoom: int = 2, separator: int = 2) -> np.ndarray:
+    """(H, W) uint8 grid: one column per (Z, Y, X) volume, one row per orientation (slices through `at_zyx`, e.g.
+    the middle of the first cube layer: mid-slices of a puzzle fall in the gap); shared 1-99% window."""
     low, high = np.percentile(columns[0], [1, 99])
     rows = []
-    for row in zip(*(_orthogonal_slices(v) for v in columns)):
+    for row in zip(*(_orthogonal_slices(v, at_zyx) for v in columns)):
         height = max(s.shape[0] for s in row)
         tiles = []
         for tile in row:

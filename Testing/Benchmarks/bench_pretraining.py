@@ -1,0 +1,110 @@
+"""Benchmarks for pretraining; prints Markdown tables. Not a test: numbers depend on the machine.
+
+    python Testing/Benchmarks/bench_pretraining.py [--repeats 5]
+
+1. Sampler: puzzles/s on one thread, 8 cubes of 64^3 from a real 240x240x155 volume (BraTS FLAIR).
+2. Network: training steps/s and puzzles/s (the consumption rate), FLOPs per step, and the achieved FLOP rate as a
+   fraction of this machine's oneDNN conv3d rate (64 -> 64 channels, 3x3x3, batch 8, 32^3) measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from RubikSSLLib import datasources, puzzle, sampling  # noqa: E402
+from RubikSSLLib.intensity import IntensityRecipe  # noqa: E402
+from RubikSSLLib.networks import Encoder, EncoderConfig, RubikNet, rubik_loss  # noqa: E402
+
+BRATS = REPO.parent / "shared/data/seg/brats2015_deepmedic/brats_2013_pat0001_1/Flair_subtrMeanDivStd.nii.gz"
+
+
+def median_rate(count: int, action, repeats: int) -> float:
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        action()
+        rates.append(count / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def bench_sampler(repeats: int) -> list[tuple[str, float]]:
+    spec = puzzle.PuzzleSpec(cube_size=(64, 64, 64), jitter=(10, 10, 10))
+    volume = datasources.load(datasources.CaseSource((str(BRATS),)), spacing_mm=None)
+    case = sampling.prepare(volume, spec, IntensityRecipe("mri"))
+    table = puzzle.permutation_table(8, 100, 0)
+    rng = np.random.default_rng(0)
+    count = 200
+
+    def plain() -> None:
+        for _ in range(count):
+            sampling.make_puzzle(case, spec, table, rng, train=True)
+
+    def with_tensors() -> None:
+        for _ in range(count):
+            sampling.to_sample(sampling.make_puzzle(case, spec, table, rng, train=True))
+
+    return [("sampler, 8 cubes of 64^3 (numpy puzzle)", median_rate(count, plain, repeats)),
+            ("sampler + torch sample dict", median_rate(count, with_tensors, repeats))]
+
+
+def bench_network(repeats: int, cube: int, batch: int) -> list[tuple[str, float]]:
+    model = RubikNet(Encoder(EncoderConfig()), 8, 100)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    cubes = torch.randn(batch, 8, 1, cube, cube, cube)
+    targets = {"order": torch.randint(0, 100, (batch,)), "hor": torch.zeros(batch, 8), "ver": torch.zeros(batch, 8)}
+
+    def step() -> None:
+        loss = rubik_loss(model(cubes), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    step()
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    steps_per_s = median_rate(3, lambda: [step() for _ in range(3)], repeats)
+
+    conv = torch.nn.Conv3d(64, 64, 3, padding=1)
+    x = torch.randn(8, 64, 32, 32, 32)
+    with torch.no_grad():
+        conv(x)
+        conv_flops = 2 * 8 * 64 * 64 * 27 * 32**3
+        conv_rate = median_rate(3, lambda: [conv(x) for _ in range(3)], repeats) * conv_flops
+    achieved = steps_per_s * flops
+    return [
+        (f"train step, batch {batch} puzzles of 8 x {cube}^3 cubes: steps/s", steps_per_s),
+        ("  puzzles/s consumed", steps_per_s * batch),
+        ("  GFLOP per step (forward + backward)", flops / 1e9),
+        ("  achieved GFLOP/s", achieved / 1e9),
+        ("conv3d 64->64 3^3, batch 8, 32^3: GFLOP/s", conv_rate / 1e9),
+        ("  step rate as a fraction of the conv3d rate", achieved / conv_rate),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = bench_sampler(args.repeats) + bench_network(args.repeats, 32, 8) + bench_network(max(1, args.repeats // 2), 64, 8)
+    print(f"threads: {args.threads}; median of {args.repeats} repeats; torch {torch.__version__}\n")
+    print("| measurement | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name} | {value:.3g} |")
+
+
+if __name__ == "__main__":
+    main()
