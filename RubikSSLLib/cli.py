@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: 0 on CPU, 4 on CUDA)")
     pretrain.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     pretrain.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    pretrain.add_argument("--skip-unusable", action="store_true",
+                          help="leave out (and report) volumes that cannot be used instead of stopping")
     add_common(pretrain)
     add_data_options(pretrain)
     pretrain.set_defaults(handler=run_pretrain)
@@ -110,7 +112,8 @@ def pretrain_config(args: argparse.Namespace):
         data=list(args.data), out=args.out, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, eval_every=args.eval_every, val_puzzles=args.val_puzzles,
         encoder=EncoderConfig(in_channels, args.widths, (1,) + (2,) * (len(args.widths) - 1), args.norm),
-        seed=args.seed, device=args.device, precision=args.precision, workers=args.workers, **data_settings(args),
+        seed=args.seed, device=args.device, precision=args.precision, workers=args.workers,
+        skip_unusable=args.skip_unusable, **data_settings(args),
     )
 
 

@@ -26,6 +26,7 @@ class PretrainConfig:
     intensity: IntensityRecipe = field(default_factory=IntensityRecipe)
     spacing_mm: float | None = 2.0
     canonical_orientation: bool = True
+    skip_unusable: bool = False
     steps: int = 2000
     batch_size: int = 8
     learning_rate: float = 1e-3

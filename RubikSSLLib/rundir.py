@@ -53,6 +53,12 @@ class RunDir:
         if self._lock is not None:
             self._lock.release()
 
+    def remove_if_empty(self) -> None:
+        """Remove a folder this run created when it failed before writing anything but its lock."""
+        if self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {LOCK}:
+            self.file(LOCK).unlink(missing_ok=True)
+            self.path.rmdir()
+
     def stop_requested(self) -> bool:
         return self.file(STOP).exists()
 

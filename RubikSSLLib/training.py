@@ -55,13 +55,17 @@ class Distributed:
 
 
 def select_device(name: str) -> torch.device:
+    """auto = CUDA when present; under torchrun each process takes the GPU of its LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BadInput(f"--device {name}: no CUDA device is available here; use --device cpu")
-    if name.startswith("cuda") and os.environ.get("LOCAL_RANK"):
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    return device
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -86,32 +90,43 @@ def build_model(config: PretrainConfig) -> RubikNet:
     return RubikNet(Encoder(config.encoder), config.puzzle.num_cubes, config.puzzle.num_permutations)
 
 
-def load_cases(sources: list[datasources.CaseSource], config: PretrainConfig,
-               reporter: Reporter) -> list[sampling.PreparedCase]:
-    reporter.log(f"loading {len(sources)} volumes")
+Loaded = tuple[datasources.CaseSource, sampling.PreparedCase]
+
+
+def load_cases(sources: list[datasources.CaseSource], config: PretrainConfig, reporter: Reporter) -> list[Loaded]:
+    """Load and prepare every case. A bad case stops the run, or with skip_unusable is reported and left out."""
+    if sources:
+        reporter.log(f"loading {len(sources)} volumes")
     cases = []
     for source in sources:
-        volume = datasources.load(source, config.spacing_mm, config.canonical_orientation)
-        if volume.array.shape[0] != config.encoder.in_channels:
-            raise BadInput(
-                f"{source.name}: has {volume.array.shape[0]} channels but the first case has {config.encoder.in_channels}; "
-                "give every case the same channels"
-            )
-        cases.append(sampling.prepare(volume, config.puzzle, config.intensity))
+        try:
+            volume = datasources.load(source, config.spacing_mm, config.canonical_orientation)
+            if volume.array.shape[0] != config.encoder.in_channels:
+                raise BadInput(
+                    f"{source.name}: has {volume.array.shape[0]} channels but the first case has "
+                    f"{config.encoder.in_channels}; give every case the same channels"
+                )
+            cases.append((source, sampling.prepare(volume, config.puzzle, config.intensity)))
+        except BadInput as error:
+            if not config.skip_unusable:
+                raise
+            reporter.log(f"skipped: {error}")
     return cases
 
 
-def split_sources(pools: datasources.CasePools, config: PretrainConfig,
-                  reporter: Reporter) -> tuple[list[datasources.CaseSource], list[datasources.CaseSource]]:
+def split_cases(train: list[Loaded], validation: list[Loaded], config: PretrainConfig,
+                reporter: Reporter) -> tuple[list[Loaded], list[Loaded]]:
     """Training and held-out validation cases: the data's own validation list, else a seeded fraction of cases."""
-    if pools.validation:
-        return pools.train, pools.validation
-    if len(pools.train) == 1 or config.val_fraction == 0:
+    if not train:
+        raise BadInput("no usable training volume (see the skipped lines); check the data")
+    if validation:
+        return train, validation
+    if len(train) == 1 or config.val_fraction == 0:
         reporter.log("warning: no held-out volume; validation puzzles come from the training volumes")
-        return pools.train, pools.train
-    order = np.random.default_rng(config.seed).permutation(len(pools.train))
-    held_out = max(1, round(config.val_fraction * len(pools.train)))
-    return [pools.train[i] for i in order[held_out:]], [pools.train[i] for i in order[:held_out]]
+        return train, train
+    order = np.random.default_rng(config.seed).permutation(len(train))
+    held_out = max(1, round(config.val_fraction * len(train)))
+    return [train[i] for i in order[held_out:]], [train[i] for i in order[:held_out]]
 
 
 def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -215,13 +230,18 @@ class Pretraining:
 
     def run(self) -> dict[str, float]:
         lock = self.run_dir if self.distributed.is_main else nullcontext(self.run_dir)
-        with lock:
-            self._check_run_dir()
-            try:
+        created = not self.run_dir.path.exists()
+        try:
+            with lock:
+                self._check_run_dir()
                 return self._train()
-            finally:
-                if self.distributed.world_size > 1:
-                    torch.distributed.destroy_process_group()
+        except BadInput:
+            if created and self.distributed.is_main:
+                self.run_dir.remove_if_empty()
+            raise
+        finally:
+            if self.distributed.world_size > 1:
+                torch.distributed.destroy_process_group()
 
     def _check_run_dir(self) -> None:
         has_state = self.run_dir.file(rundir.TRAINING_STATE).exists()
@@ -233,11 +253,11 @@ class Pretraining:
     def _setup(self) -> None:
         config = self.config
         pools = datasources.resolve(config.data)
-        train_sources, val_sources = split_sources(pools, config, self.reporter)
-        self.reporter.log(f"{len(train_sources)} training and {len(val_sources)} validation volumes")
-        self.train_sources, self.val_sources = train_sources, val_sources
-        self.train_cases = load_cases(train_sources, config, self.reporter)
-        self.val_cases = self.train_cases if val_sources is train_sources else load_cases(val_sources, config, self.reporter)
+        train, validation = split_cases(load_cases(pools.train, config, self.reporter),
+                                        load_cases(pools.validation, config, self.reporter), config, self.reporter)
+        self.reporter.log(f"{len(train)} training and {len(validation)} validation volumes")
+        self.train_sources, self.train_cases = [s for s, _ in train], [c for _, c in train]
+        self.val_sources, self.val_cases = [s for s, _ in validation], [c for _, c in validation]
         spec = config.puzzle
         self.table = puzzle.permutation_table(spec.num_cubes, spec.num_permutations, spec.permutation_seed)
         torch.manual_seed(config.seed)
@@ -269,7 +289,8 @@ class Pretraining:
         config, device = self.config, self.device
         model: nn.Module = self.model
         if self.distributed.world_size > 1:
-            model = nn.parallel.DistributedDataParallel(self.model)
+            device_ids = [device.index] if device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         batches = self._loader()
         dtype = autocast_dtype(config.precision, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)

@@ -113,7 +113,7 @@ def test_pretrain_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path: P
     assert_bad_input(result, expected)
     error_events = [e for e in events(result.stdout) if e["event"] == "error"]
     assert error_events and error_events[0]["exit_code"] == 2
-    assert not (out / "checkpoint.safetensors").exists() and not (out / "model.safetensors").exists()
+    assert not out.exists()  # a run folder created by a failed run is removed again
 
 
 def test_foreign_and_corrupt_checkpoints_are_refused_without_unpickling(tmp_path: Path) -> None:
@@ -140,3 +140,17 @@ def test_foreign_and_corrupt_checkpoints_are_refused_without_unpickling(tmp_path
     save_file({"weights": torch.zeros(3)}, str(run / "model.safetensors"))  # valid safetensors, not ours
     with pytest.raises(BadInput, match="not a RubikSSL checkpoint"):
         checkpoint.load_model(run / "model.safetensors")
+
+
+def test_skip_unusable_leaves_out_thin_volumes_and_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    head = sitk.ReadImage(str(shared("pretrain/HeadMRVolume.mhd")))
+    sitk.WriteImage(head, str(folder / "head.nrrd"))
+    sitk.WriteImage(head[:, :, :10], str(folder / "thin_slab.nrrd"))  # 10 slices: below the 24 the puzzle needs
+    arguments = ["pretrain", "--data", str(folder), "--steps", "2", "--eval-every", "2", *TINY_RUN]
+    assert_bad_input(rubikssl(*arguments, "--out", str(tmp_path / "strict")), "thin_slab.nrrd", "needs at least")
+    result = rubikssl(*arguments, "--out", str(tmp_path / "lenient"), "--skip-unusable")
+    assert result.returncode == 0, result.stderr
+    logs = [e["message"] for e in map(progress.parse_line, result.stdout.splitlines()) if e and e["event"] == "log"]
+    assert any(m.startswith("skipped:") and "thin_slab.nrrd" in m for m in logs)
