@@ -76,6 +76,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(puzzle)
     puzzle.set_defaults(handler=run_puzzle)
 
+    finetune = commands.add_parser("finetune", help="fine-tune a pretrained (or random) encoder on labelled data")
+    finetune.add_argument("--task", choices=("classify", "segment"), required=True)
+    finetune.add_argument("--train", nargs="+", required=True, help="datalist .json, .npz archive or nnU-Net folder")
+    finetune.add_argument("--val", nargs="+", required=True, help="the same kinds; a datalist gives its 'validation' list")
+    finetune.add_argument("--out", required=True, help="run folder")
+    finetune.add_argument("--init", default="scratch", help="a pretraining run folder, or 'scratch'")
+    finetune.add_argument("--label-fraction", type=float, default=1.0, help="use this fraction of the training cases")
+    finetune.add_argument("--decoder", choices=("unet", "duc"), default="unet")
+    finetune.add_argument("--freeze-epochs", type=int, default=0, help="epochs with a frozen encoder before full fine-tuning")
+    finetune.add_argument("--epochs", type=int, default=20)
+    finetune.add_argument("--batch-size", type=int, default=8)
+    finetune.add_argument("--learning-rate", type=float, default=3e-4)
+    finetune.add_argument("--patch-size", type=voxel_triple, default=(64, 64, 64), help="segmentation patch / classification input")
+    finetune.add_argument("--iterations-per-epoch", type=int, default=0)
+    finetune.add_argument("--spacing", type=spacing, default=None, help="isotropic mm, or native (default)")
+    finetune.add_argument("--intensity", choices=("auto", "ct", "mri", "none"), default="auto")
+    finetune.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=(16, 32, 64, 128),
+                          help="encoder widths for --init scratch (a pretrained run brings its own)")
+    finetune.add_argument("--resume", action="store_true")
+    add_common(finetune)
+    finetune.set_defaults(handler=run_finetune)
+
+    segment = commands.add_parser("segment", help="segment a volume with a fine-tuned model -> .seg.nrrd")
+    segment.add_argument("--model", required=True, help="a fine-tuning run folder")
+    segment.add_argument("--volume", nargs="+", required=True, help="the channel files of one case")
+    segment.add_argument("--out", required=True, help="result.seg.nrrd (a .labels.nrrd labelmap is written beside it)")
+    segment.add_argument("--progress", choices=MODES, default="bar")
+    segment.set_defaults(handler=run_segment)
+
+    classify = commands.add_parser("classify", help="classify a volume with a fine-tuned model -> JSON")
+    classify.add_argument("--model", required=True)
+    classify.add_argument("--volume", nargs="+", required=True)
+    classify.add_argument("--out", required=True, help="result.json")
+    classify.add_argument("--progress", choices=MODES, default="bar")
+    classify.set_defaults(handler=run_classify)
+
     probe = commands.add_parser("probe", help="print versions and devices as JSON")
     probe.set_defaults(handler=run_probe, progress="none")
 
@@ -158,6 +194,60 @@ def run_puzzle(args: argparse.Namespace, reporter: Reporter) -> int:
                        cubes_oriented_correctly=sum(prediction["cube_oriented_correctly"]))
     reporter.log(f"wrote {args.out}: " + json.dumps(summary))
     reporter.done("ok", EXIT_OK, **summary)
+    return EXIT_OK
+
+
+def run_finetune(args: argparse.Namespace, reporter: Reporter) -> int:
+    from RubikSSLLib import finetune, labeled, rundir
+    from RubikSSLLib.intensity import IntensityRecipe
+    from RubikSSLLib.networks import EncoderConfig
+
+    stored = Path(args.out) / rundir.CONFIG
+    if args.resume and stored.exists():
+        data = json.loads(stored.read_text(encoding="utf-8"))
+        data["encoder"] = EncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["encoder"].items()})
+        data["intensity"] = IntensityRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["intensity"].items()})
+        data["patch_size"] = tuple(data["patch_size"])
+        config = finetune.FinetuneConfig(**{**data, "epochs": args.epochs, "device": args.device})
+    else:
+        first = labeled.resolve(args.train[0], "train").cases
+        channels = len(first[0].image.channels) if first and not first[0].image.npz_key else 1
+        encoder = EncoderConfig(channels, args.widths, (1,) + (2,) * (len(args.widths) - 1))
+        if args.init != "scratch":
+            from RubikSSLLib import checkpoint, transfer
+
+            pretrained = checkpoint.load_model(transfer.pretrained_model_file(args.init))[1]["config"]["encoder"]
+            encoder = EncoderConfig(channels, tuple(pretrained["widths"]), tuple(pretrained["depths"]), pretrained["norm"])
+        config = finetune.FinetuneConfig(
+            task=args.task, train=list(args.train), val=list(args.val), out=args.out, init=args.init,
+            label_fraction=args.label_fraction, decoder=args.decoder, freeze_epochs=args.freeze_epochs, epochs=args.epochs,
+            batch_size=args.batch_size, learning_rate=args.learning_rate, patch_size=args.patch_size,
+            iterations_per_epoch=args.iterations_per_epoch, spacing_mm=args.spacing,
+            intensity=IntensityRecipe(args.intensity), encoder=encoder, seed=args.seed, device=args.device,
+        )
+    metrics = finetune.Finetuning(config, reporter, resume=args.resume).run()
+    reporter.done("ok", EXIT_OK, **metrics)
+    return EXIT_OK
+
+
+def run_segment(args: argparse.Namespace, reporter: Reporter) -> int:
+    from RubikSSLLib import predict
+
+    summary = predict.segment(args.model, list(args.volume), args.out)
+    reporter.artifact(summary["segmentation"], "segmentation")
+    reporter.artifact(summary["labelmap"], "labelmap")
+    reporter.log(f"wrote {summary['segmentation']}: voxels per segment {json.dumps(summary['voxels'])}")
+    reporter.done("ok", EXIT_OK, **summary)
+    return EXIT_OK
+
+
+def run_classify(args: argparse.Namespace, reporter: Reporter) -> int:
+    from RubikSSLLib import predict
+
+    result = predict.classify(args.model, list(args.volume), args.out)
+    reporter.artifact(args.out, "classification")
+    reporter.log(f"{result['predicted']}: " + json.dumps(result["probabilities"]))
+    reporter.done("ok", EXIT_OK, predicted=result["predicted"], probabilities=result["probabilities"])
     return EXIT_OK
 
 

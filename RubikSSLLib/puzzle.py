@@ -143,32 +143,65 @@ def rotate(cubes: np.ndarray, rotations: np.ndarray) -> np.ndarray:
     return out
 
 
-def normalise_cubes(cubes: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    """Scale each cube and channel of (M, C, ...) to [-1, 1] (the paper's recipe); a constant cube becomes 0."""
+def normalise_cubes(cubes: np.ndarray, low: np.ndarray | None = None, high: np.ndarray | None = None,
+                    eps: float = 1e-6) -> np.ndarray:
+    """Scale each cube and channel of (M, C, ...) to [-1, 1] (the paper's recipe); a constant cube becomes 0.
+
+    With per-channel `low`/`high` (C,) the values are first clipped to [low, high]: the same result as mapping
+    the volume to [0, 1] with that window and then scaling, since the map is monotone, in fewer passes.
+    Works in place on float32 input."""
     cubes = cubes.astype(np.float32, copy=False)
     axes = tuple(range(2, cubes.ndim))
-    low = cubes.min(axis=axes, keepdims=True)
-    span = cubes.max(axis=axes, keepdims=True) - low
-    flat = span < eps
+    shape = (1, -1) + (1,) * (cubes.ndim - 2)
+    cube_low = cubes.min(axis=axes, keepdims=True)
+    cube_high = cubes.max(axis=axes, keepdims=True)
+    tolerance = eps
+    if low is not None and high is not None:
+        low, high = np.reshape(low, shape).astype(np.float32), np.reshape(high, shape).astype(np.float32)
+        cube_low, cube_high = np.clip(cube_low, low, high), np.clip(cube_high, low, high)
+        np.clip(cubes, cube_low, cube_high, out=cubes)
+        tolerance = eps * np.maximum(high - low, eps)
+    span = cube_high - cube_low
+    flat = span < tolerance
     scale = np.where(flat, 0.0, 2.0 / np.where(flat, 1.0, span)).astype(np.float32)
-    return (cubes - low) * scale - np.where(flat, 0.0, 1.0).astype(np.float32)
+    cubes -= cube_low
+    cubes *= scale
+    cubes -= np.where(flat, 0.0, 1.0).astype(np.float32)
+    return cubes
+
+
+def gather_cubes(volume: np.ndarray, corners: np.ndarray, cube_size: tuple[int, int, int], order: np.ndarray,
+                 rotations: np.ndarray) -> np.ndarray:
+    """(M, C, cz, cy, cx) float32 with slot p = cube order[p] of `volume` (C, Z, Y, X), rotated by rotations[p].
+
+    corners: (M, 3) (z, y, x) first voxel of each cube in `volume`. One copy per cube, flips taken as views."""
+    out = np.empty((len(order), volume.shape[0], *cube_size), dtype=np.float32)
+    for slot, (source, rotation) in enumerate(zip(order, rotations)):
+        z, y, x = corners[source]
+        cube = volume[:, z : z + cube_size[0], y : y + cube_size[1], x : x + cube_size[2]]
+        out[slot] = np.flip(cube, ROTATION_FLIP_AXES[rotation]) if rotation in ROTATION_FLIP_AXES else cube
+    return out
 
 
 def scramble(
-    crop: np.ndarray, spec: PuzzleSpec, table: np.ndarray, rng: np.random.Generator, train: bool = True,
-    normalise: bool = True,
+    volume: np.ndarray, spec: PuzzleSpec, table: np.ndarray, rng: np.random.Generator, train: bool = True,
+    normalise: bool = True, crop_start: tuple[int, int, int] = (0, 0, 0),
+    window: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> Puzzle:
-    """Cut `crop` (C, Z, Y, X) of spec.crop_size into cubes, shuffle them by a uniformly drawn table row, rotate."""
-    if tuple(crop.shape[1:]) != spec.crop_size:
-        raise ValueError(f"crop shape {crop.shape[1:]} != puzzle crop size {spec.crop_size}")
+    """Cut the crop of spec.crop_size at `crop_start` of `volume` (C, Z, Y, X) into cubes, shuffle them by a
+    uniformly drawn table row and rotate them. normalise: scale each cube to [-1, 1], after clipping to the
+    per-channel `window` (low, high) if given."""
+    start = np.asarray(crop_start)
+    if (start < 0).any() or (start + spec.crop_size > np.array(volume.shape[1:])).any():
+        raise ValueError(f"crop at {tuple(start)} of size {spec.crop_size} exceeds the volume {volume.shape[1:]}")
     starts = cube_starts(spec, rng if train else None)
-    cubes = extract_cubes(crop, starts, spec.cube_size)
-    if normalise:
-        cubes = normalise_cubes(cubes)
     index = int(rng.integers(0, len(table)))  # high is exclusive: every row, the last included
     permutation = table[index]
     rotations = rng.integers(0, 3, size=spec.num_cubes).astype(np.int64)
-    return Puzzle(rotate(cubes[permutation], rotations), index, permutation, rotations, starts, spec.crop_size)
+    cubes = gather_cubes(volume, starts + start, spec.cube_size, permutation, rotations)
+    if normalise:
+        cubes = normalise_cubes(cubes, *(window or (None, None)))
+    return Puzzle(cubes, index, permutation, rotations, starts, spec.crop_size)
 
 
 def recover(cubes: np.ndarray, permutation: np.ndarray, rotations: np.ndarray) -> np.ndarray:

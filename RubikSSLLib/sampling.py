@@ -63,17 +63,13 @@ def crop_start(case: PreparedCase, crop_size: tuple[int, int, int], rng: np.rand
     return np.clip(centre - size // 2, 0, np.array(case.array.shape[1:]) - size)
 
 
-def crop(case: PreparedCase, start: np.ndarray, crop_size: tuple[int, int, int]) -> np.ndarray:
-    """The intensity-mapped (C, *crop_size) float32 crop at `start`."""
-    z, y, x = start
-    return case.mapping.apply(case.array[:, z : z + crop_size[0], y : y + crop_size[1], x : x + crop_size[2]])
-
-
 def make_puzzle(case: PreparedCase, spec: puzzle.PuzzleSpec, table: np.ndarray, rng: np.random.Generator,
                 train: bool) -> puzzle.Puzzle:
-    """A puzzle from a random foreground crop; `train` draws random gaps, otherwise gaps are centred."""
+    """A puzzle from a random foreground crop; `train` draws random gaps, otherwise gaps are centred. The case's
+    intensity window is applied to the cubes only (not to the whole crop)."""
     start = crop_start(case, spec.crop_size, rng)
-    return puzzle.scramble(crop(case, start, spec.crop_size), spec, table, rng, train=train)
+    return puzzle.scramble(case.array, spec, table, rng, train=train, crop_start=tuple(start),
+                           window=(case.mapping.low, case.mapping.high))
 
 
 def to_sample(item: puzzle.Puzzle) -> dict[str, torch.Tensor]:

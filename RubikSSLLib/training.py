@@ -136,7 +136,7 @@ def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], count: int,
-                          device: torch.device) -> None:
+                          device: torch.device, key: str = "cubes") -> None:
     """Re-estimate BatchNorm running statistics as a plain average over `count` training batches.
 
     Running statistics trail fast-moving weights under Adam; evaluating with stale ones made a prototype's
@@ -151,7 +151,7 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterator[dict[str, torch.Te
     was_training = model.training
     model.train()
     for _ in range(count):
-        model(next(batches)["cubes"].to(device, non_blocking=True))
+        model(next(batches)[key].to(device, non_blocking=True))
     for module, momentum in zip(norms, momenta):
         module.momentum = momentum
     model.train(was_training)

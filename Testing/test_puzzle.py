@@ -179,3 +179,25 @@ def test_spec_refuses_bad_shapes() -> None:
     with pytest.raises(BadInput, match="cube size"):
         puzzle.PuzzleSpec(cube_size=(2, 32, 32))
     assert puzzle.PuzzleSpec(cube_size=(16, 32, 32), jitter=(5, 10, 10)).crop_size == (42, 84, 84)
+
+
+def test_windowed_normalisation_equals_mapping_the_volume_first(table: np.ndarray) -> None:
+    """The sampler clips cubes to the intensity window instead of mapping the whole crop: same cubes."""
+    from RubikSSLLib.intensity import IntensityMap
+
+    volume = np.random.default_rng(12).normal(100, 50, size=(2, 40, 44, 46)).astype(np.float32)
+    volume[1, :20] = 500.0  # a region above the window: some cubes become constant after clipping
+    window = IntensityMap(np.array([60.0, 80.0], np.float32), np.array([140.0, 200.0], np.float32))
+    start = (1, 2, 3)
+    crop = window.apply(volume[:, 1 : 1 + SPEC.crop_size[0], 2 : 2 + SPEC.crop_size[1], 3 : 3 + SPEC.crop_size[2]])
+    fused = puzzle.scramble(volume, SPEC, table, np.random.default_rng(13), crop_start=start, window=(window.low, window.high))
+    plain = puzzle.scramble(crop, SPEC, table, np.random.default_rng(13))
+    np.testing.assert_array_equal(fused.permutation, plain.permutation)
+    np.testing.assert_allclose(fused.cubes, plain.cubes, atol=2e-5)
+    assert (plain.cubes[:, 1] == 0).all(axis=(1, 2, 3)).any()  # the constant case is exercised
+
+
+def test_crop_outside_the_volume_is_refused(table: np.ndarray) -> None:
+    volume = np.zeros((1, *SPEC.crop_size), np.float32)
+    with pytest.raises(ValueError, match="exceeds"):
+        puzzle.scramble(volume, SPEC, table, np.random.default_rng(0), crop_start=(1, 0, 0))

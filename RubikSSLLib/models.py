@@ -1,0 +1,77 @@
+"""Downstream networks built around the pretraining Encoder, which they hold as `self.encoder` unchanged, so a
+pretrained encoder loads by its own parameter names (no renaming, nothing skipped).
+
+Tensors are (B, C, Z, Y, X). Encoder stage s has widths[s] channels at 1 / 2 ** (s + 1) of the input size, so
+segmentation inputs need sizes divisible by 2 ** len(widths) (16 by default).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.utils import pixelshuffle
+from torch import nn
+
+from RubikSSLLib.networks import Encoder, EncoderConfig, conv_block
+
+
+class UNet(nn.Module):
+    """U-Net whose encoder IS the pretraining encoder; the decoder (random) upsamples with transposed convolutions
+    and reads every encoder stage as a skip, then a last upsampling undoes the stride-2 stem."""
+
+    def __init__(self, encoder: Encoder, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        widths, norm = encoder.config.widths, encoder.config.norm
+        self.up = nn.ModuleList()
+        self.blocks = nn.ModuleList()
+        for deeper, skip in zip(widths[:0:-1], widths[-2::-1]):
+            self.up.append(nn.ConvTranspose3d(deeper, skip, 2, stride=2))
+            self.blocks.append(nn.Sequential(conv_block(2 * skip, skip, norm), conv_block(skip, skip, norm)))
+        self.stem_up = nn.ConvTranspose3d(widths[0], widths[0], 2, stride=2)
+        self.stem_block = conv_block(widths[0] + encoder.config.in_channels, widths[0], norm)
+        self.head = nn.Conv3d(widths[0], num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, Z, Y, X) -> logits (B, num_classes, Z, Y, X)."""
+        skips = self.encoder(x)
+        y = skips[-1]
+        for up, block, skip in zip(self.up, self.blocks, skips[-2::-1]):
+            y = block(torch.cat([up(y), skip], dim=1))
+        y = self.stem_block(torch.cat([self.stem_up(y), x], dim=1))
+        return self.head(y)
+
+
+class DUCNet(nn.Module):
+    """Light dense-upsampling decoder (the Rubik's cube paper's choice, so that few parameters start random):
+    a 3x3x3 convolution on the deepest encoder map, a 1x1x1 convolution to num_classes * r^3 channels, and a voxel
+    shuffle by r = the encoder's downsampling factor."""
+
+    def __init__(self, encoder: Encoder, num_classes: int, hidden: int = 32) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.factor = encoder.downsampling
+        self.decode = nn.Sequential(conv_block(encoder.out_channels, hidden, encoder.config.norm),
+                                    nn.Conv3d(hidden, num_classes * self.factor**3, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return pixelshuffle(self.decode(self.encoder(x)[-1]), spatial_dims=3, scale_factor=self.factor)
+
+
+class Classifier(nn.Module):
+    """Encoder + global average pooling + dropout + linear head."""
+
+    def __init__(self, encoder: Encoder, num_classes: int, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(encoder.out_channels, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, Z, Y, X) -> logits (B, num_classes)."""
+        return self.head(self.encoder(x)[-1].mean(dim=(2, 3, 4)))
+
+
+def build(task: str, decoder: str, encoder_config: EncoderConfig, num_classes: int) -> nn.Module:
+    encoder = Encoder(encoder_config)
+    if task == "classify":
+        return Classifier(encoder, num_classes)
+    return UNet(encoder, num_classes) if decoder == "unet" else DUCNet(encoder, num_classes)
