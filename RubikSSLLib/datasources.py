@@ -74,7 +74,7 @@ def _resolve_one(path: Path) -> CasePools:
 
 def _resolve_folder(folder: Path) -> CasePools:
     if (folder / "imagesTr").is_dir():
-        return CasePools(_nnunet_cases(folder / "imagesTr"), [])
+        return CasePools(nnunet_cases(folder / "imagesTr"), [])
     if any(is_dicom_file(p) for p in folder.iterdir() if p.is_file()):
         return CasePools([CaseSource((str(folder),))], [])
     cases = []
@@ -88,7 +88,7 @@ def _resolve_folder(folder: Path) -> CasePools:
     return CasePools(cases, [])
 
 
-def _nnunet_cases(images: Path) -> list[CaseSource]:
+def nnunet_cases(images: Path) -> list[CaseSource]:
     channels: dict[str, dict[int, str]] = {}
     for file in sorted(images.iterdir()):
         match = NNUNET_CHANNEL.match(file.name)
@@ -124,7 +124,7 @@ def _resolve_datalist(path: Path) -> CasePools:
 
 
 @functools.lru_cache(maxsize=4)
-def _open_npz(path: str) -> dict[str, np.ndarray]:
+def open_npz(path: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
@@ -133,7 +133,7 @@ def _open_npz(path: str) -> dict[str, np.ndarray]:
 
 
 def _resolve_npz(path: Path) -> CasePools:
-    arrays = _open_npz(str(path))
+    arrays = open_npz(str(path))
     train_keys = [k for k in ("train_images", "images") if k in arrays]
     if not train_keys:
         raise BadInput(f"{path}: .npz needs a 'train_images' or 'images' array of shape (N, Z, Y, X)")
@@ -151,7 +151,7 @@ def _resolve_npz(path: Path) -> CasePools:
 def load(source: CaseSource, spacing_mm: float | None = None, canonical: bool = True) -> Volume:
     """Load one case as a Volume. Arrays from .npz keep their dtype and get a 1 mm identity geometry."""
     if source.npz_key:
-        array = _open_npz(source.channels[0])[source.npz_key][source.npz_index]
+        array = open_npz(source.channels[0])[source.npz_key][source.npz_index]
         check_voxels(array, source.name)
         return Volume(array[None], Geometry(), [source.name])
     return load_case(list(source.channels), spacing_mm, canonical)

@@ -52,7 +52,7 @@ def resolve(item: str, split: str) -> LabeledSet:
 
 
 def _archive(path: Path, split: str) -> LabeledSet:
-    arrays = datasources._open_npz(str(path))
+    arrays = datasources.open_npz(str(path))
     images, labels = f"{split}_images", f"{split}_labels"
     if images not in arrays or labels not in arrays:
         raise BadInput(f"{path}: needs arrays '{images}' and '{labels}' for the {split} split")
@@ -82,7 +82,7 @@ def _datalist(path: Path, split: str) -> LabeledSet:
 
 
 def _nnunet(folder: Path) -> LabeledSet:
-    images = datasources._nnunet_cases(folder / "imagesTr")
+    images = datasources.nnunet_cases(folder / "imagesTr")
     cases = []
     for image in images:
         case_id = Path(image.channels[0]).name.rsplit("_", 1)[0]
