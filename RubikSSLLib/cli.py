@@ -98,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_common(finetune)
     finetune.set_defaults(handler=run_finetune)
 
+    evaluate = commands.add_parser("evaluate", parents=[finetune], add_help=False, conflict_handler="resolve",
+                                   help="scratch vs pretrained at several label fractions x paired seeds")
+    evaluate.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=[0.1, 0.25, 1.0])
+    evaluate.add_argument("--seeds", type=int, default=5, help="paired seeds 0 .. N-1 (5 or more for any claim)")
+    evaluate.add_argument("--last-epochs", type=int, default=3, help="a run's score: mean of its last N epochs")
+    evaluate.set_defaults(handler=run_evaluate)
+
     segment = commands.add_parser("segment", help="segment a volume with a fine-tuned model -> .seg.nrrd")
     segment.add_argument("--model", required=True, help="a fine-tuning run folder")
     segment.add_argument("--volume", nargs="+", required=True, help="the channel files of one case")
@@ -197,8 +204,29 @@ def run_puzzle(args: argparse.Namespace, reporter: Reporter) -> int:
     return EXIT_OK
 
 
+def finetune_config(args: argparse.Namespace):
+    """A FinetuneConfig from the finetune options; a pretrained --init brings its own encoder widths."""
+    from RubikSSLLib import checkpoint, finetune, labeled, transfer
+    from RubikSSLLib.intensity import IntensityRecipe
+    from RubikSSLLib.networks import EncoderConfig
+
+    first = labeled.resolve(args.train[0], "train").cases
+    channels = len(first[0].image.channels) if first and not first[0].image.npz_key else 1
+    encoder = EncoderConfig(channels, args.widths, (1,) + (2,) * (len(args.widths) - 1))
+    if args.init != "scratch":
+        pretrained = checkpoint.load_model(transfer.pretrained_model_file(args.init))[1]["config"]["encoder"]
+        encoder = EncoderConfig(channels, tuple(pretrained["widths"]), tuple(pretrained["depths"]), pretrained["norm"])
+    return finetune.FinetuneConfig(
+        task=args.task, train=list(args.train), val=list(args.val), out=args.out, init=args.init,
+        label_fraction=args.label_fraction, decoder=args.decoder, freeze_epochs=args.freeze_epochs, epochs=args.epochs,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, patch_size=args.patch_size,
+        iterations_per_epoch=args.iterations_per_epoch, spacing_mm=args.spacing,
+        intensity=IntensityRecipe(args.intensity), encoder=encoder, seed=args.seed, device=args.device,
+    )
+
+
 def run_finetune(args: argparse.Namespace, reporter: Reporter) -> int:
-    from RubikSSLLib import finetune, labeled, rundir
+    from RubikSSLLib import finetune, rundir
     from RubikSSLLib.intensity import IntensityRecipe
     from RubikSSLLib.networks import EncoderConfig
 
@@ -210,23 +238,24 @@ def run_finetune(args: argparse.Namespace, reporter: Reporter) -> int:
         data["patch_size"] = tuple(data["patch_size"])
         config = finetune.FinetuneConfig(**{**data, "epochs": args.epochs, "device": args.device})
     else:
-        first = labeled.resolve(args.train[0], "train").cases
-        channels = len(first[0].image.channels) if first and not first[0].image.npz_key else 1
-        encoder = EncoderConfig(channels, args.widths, (1,) + (2,) * (len(args.widths) - 1))
-        if args.init != "scratch":
-            from RubikSSLLib import checkpoint, transfer
-
-            pretrained = checkpoint.load_model(transfer.pretrained_model_file(args.init))[1]["config"]["encoder"]
-            encoder = EncoderConfig(channels, tuple(pretrained["widths"]), tuple(pretrained["depths"]), pretrained["norm"])
-        config = finetune.FinetuneConfig(
-            task=args.task, train=list(args.train), val=list(args.val), out=args.out, init=args.init,
-            label_fraction=args.label_fraction, decoder=args.decoder, freeze_epochs=args.freeze_epochs, epochs=args.epochs,
-            batch_size=args.batch_size, learning_rate=args.learning_rate, patch_size=args.patch_size,
-            iterations_per_epoch=args.iterations_per_epoch, spacing_mm=args.spacing,
-            intensity=IntensityRecipe(args.intensity), encoder=encoder, seed=args.seed, device=args.device,
-        )
+        config = finetune_config(args)
     metrics = finetune.Finetuning(config, reporter, resume=args.resume).run()
     reporter.done("ok", EXIT_OK, **metrics)
+    return EXIT_OK
+
+
+def run_evaluate(args: argparse.Namespace, reporter: Reporter) -> int:
+    from RubikSSLLib import evaluate
+
+    if args.init == "scratch":
+        raise BadInput("--init must name a pretraining run folder: evaluate compares it with training from scratch")
+    base = finetune_config(argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / "runs")}))
+    summary = evaluate.run_evaluation(base, args.init, args.fractions, list(range(args.seeds)), Path(args.out), reporter,
+                                      args.last_epochs)
+    reporter.log((Path(args.out) / "results.md").read_text(encoding="utf-8"))
+    reporter.artifact(str(Path(args.out) / "results.md"), "table")
+    reporter.artifact(str(Path(args.out) / "results.png"), "plot")
+    reporter.done("ok", EXIT_OK, summary=summary)
     return EXIT_OK
 
 

@@ -180,3 +180,35 @@ def test_bad_fine_tuning_input_is_refused(stroke_list: Path, segmentation_run: P
     for name in ("a", "b", "c"):
         assert not (tmp_path / name).exists()
     assert not (tmp_path / "x.seg.nrrd").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_evaluate_pairs_seeds_and_writes_table_and_plot(small_adrenal_labeled: Path, pretrained_run: Path,
+                                                         tmp_path: Path) -> None:
+    from PIL import Image
+
+    from RubikSSLLib import evaluate
+
+    out = tmp_path / "evaluation"
+    result = rubikssl("evaluate", "--task", "classify", "--train", str(small_adrenal_labeled), "--val",
+                      str(small_adrenal_labeled), "--init", str(pretrained_run), "--out", str(out), "--fractions", "0.2",
+                      "--seeds", "2", "--epochs", "1", "--last-epochs", "1", "--intensity", "none", "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    scores = results["scores"]["0.2"]
+    assert len(scores["scratch"]) == len(scores["pretrained"]) == 2
+    for seed in (0, 1):  # both inits of a seed saw the same labelled cases
+        cards = [json.loads((out / f"fraction0.2_seed{seed}_{init}" / "model.json").read_text()) for init in ("scratch", "pretrained")]
+        assert cards[0]["data"]["train"] == cards[1]["data"]["train"] and len(cards[0]["data"]["train"]) == 40
+        assert cards[0]["init"]["source"] == "scratch" and cards[1]["init"]["loaded"] > 0
+    row = results["summary"]["0.2"]
+    assert row["difference_mean"] == pytest.approx(np.mean(np.subtract(scores["pretrained"], scores["scratch"])))
+    assert "| 0.2 |" in (out / "results.md").read_text()
+    assert Image.open(out / "results.png").size == (640, 420)
+    # a finished evaluation is reused, not recomputed
+    before = (out / "fraction0.2_seed0_scratch" / "model.safetensors").stat().st_mtime_ns
+    assert evaluate.summarise(results["scores"]) == results["summary"]
+    again = rubikssl("evaluate", "--task", "classify", "--train", str(small_adrenal_labeled), "--val",
+                     str(small_adrenal_labeled), "--init", str(pretrained_run), "--out", str(out), "--fractions", "0.2",
+                     "--seeds", "2", "--epochs", "1", "--last-epochs", "1", "--intensity", "none", "--progress", "none")
+    assert again.returncode == 0
+    assert (out / "fraction0.2_seed0_scratch" / "model.safetensors").stat().st_mtime_ns == before

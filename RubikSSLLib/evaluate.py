@@ -1,0 +1,123 @@
+"""Scratch versus pretrained at several label fractions and paired seeds: a Markdown table and a PNG plot.
+
+Each (fraction, seed) pair fine-tunes both initialisations on the same labelled subset (the subset depends only
+on the seed). A run's score is the mean of its last `last_epochs` validation scores, not its best epoch, so a
+lucky epoch does not decide the comparison. Finished runs are reused, so an interrupted evaluation resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from RubikSSLLib import rundir
+from RubikSSLLib.files import atomic_path, write_json_atomic, write_text_atomic
+from RubikSSLLib.finetune import FinetuneConfig, Finetuning
+from RubikSSLLib.progress import Reporter
+
+
+def _score(run: Path, key: str, last_epochs: int) -> float:
+    history = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
+    return float(np.mean([h[key] for h in history[-last_epochs:]]))
+
+
+def _finished(run: Path, epochs: int) -> bool:
+    metrics = run / rundir.METRICS
+    return metrics.exists() and len(metrics.read_text().splitlines()) >= epochs
+
+
+def run_evaluation(base: FinetuneConfig, pretrained: str, fractions: list[float], seeds: list[int], out: Path,
+                   reporter: Reporter, last_epochs: int = 3) -> dict:
+    """Fine-tune scratch and `pretrained` for every fraction x seed; write results.json, results.md, results.png."""
+    key = "val_auc" if base.task == "classify" else "val_mean_dice"
+    out.mkdir(parents=True, exist_ok=True)
+    scores: dict[str, dict[str, list[float]]] = {}
+    total, done = len(fractions) * len(seeds) * 2, 0
+    for fraction in fractions:
+        for seed in seeds:
+            for init in ("scratch", pretrained):
+                name = f"fraction{fraction:g}_seed{seed}_{'scratch' if init == 'scratch' else 'pretrained'}"
+                run = out / name
+                if not _finished(run, base.epochs):
+                    config = dataclasses.replace(base, init=init, label_fraction=fraction, seed=seed, out=str(run))
+                    Finetuning(config, Reporter("none"), resume=run.exists()).run()
+                scores.setdefault(f"{fraction:g}", {}).setdefault("scratch" if init == "scratch" else "pretrained", []).append(
+                    _score(run, key, last_epochs))
+                done += 1
+                reporter.progress(done, total, run=name)
+    summary = summarise(scores)
+    write_json_atomic(out / "results.json", {"metric": key, "last_epochs": last_epochs, "pretrained": pretrained,
+                                             "seeds": seeds, "scores": scores, "summary": summary})
+    write_text_atomic(out / "results.md", markdown(summary, key, last_epochs, len(seeds)))
+    plot(summary, key, out / "results.png")
+    return summary
+
+
+def summarise(scores: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    """Per fraction: mean and sd of each init, the paired difference (pretrained - scratch) and how many seeds improved."""
+    summary = {}
+    for fraction, by_init in scores.items():
+        scratch, pretrained = np.array(by_init["scratch"]), np.array(by_init["pretrained"])
+        difference = pretrained - scratch
+        summary[fraction] = {
+            "scratch_mean": float(scratch.mean()), "scratch_sd": float(scratch.std(ddof=1)) if len(scratch) > 1 else 0.0,
+            "pretrained_mean": float(pretrained.mean()),
+            "pretrained_sd": float(pretrained.std(ddof=1)) if len(pretrained) > 1 else 0.0,
+            "difference_mean": float(difference.mean()),
+            "difference_sd": float(difference.std(ddof=1)) if len(difference) > 1 else 0.0,
+            "seeds_improved": int((difference > 0).sum()), "seeds": len(difference),
+        }
+    return summary
+
+
+def markdown(summary: dict, key: str, last_epochs: int, seeds: int) -> str:
+    lines = [f"{key}: mean of the last {last_epochs} epochs, mean ± sd over {seeds} paired seeds", "",
+             "| label fraction | scratch | pretrained | paired difference | seeds improved |", "|---|---|---|---|---|"]
+    for fraction, row in summary.items():
+        lines.append(f"| {fraction} | {row['scratch_mean']:.3f} ± {row['scratch_sd']:.3f} | "
+                     f"{row['pretrained_mean']:.3f} ± {row['pretrained_sd']:.3f} | "
+                     f"{row['difference_mean']:+.3f} ± {row['difference_sd']:.3f} | {row['seeds_improved']}/{row['seeds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, key: str, path: Path, size: tuple[int, int] = (640, 420)) -> None:
+    """Metric against label fraction (log axis), mean ± sd for scratch (grey) and pretrained (blue)."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 50
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    fractions = [float(f) for f in summary]
+    values = [summary[f][f"{i}_{s}"] for f in summary for i in ("scratch", "pretrained") for s in ("mean",)]
+    spreads = [summary[f][f"{i}_sd"] for f in summary for i in ("scratch", "pretrained")]
+    low = min(v - s for v, s in zip(values, spreads))
+    high = max(v + s for v, s in zip(values, spreads))
+    low, high = low - 0.05 * (high - low + 1e-6), high + 0.05 * (high - low + 1e-6)
+    span_x = np.log10(max(fractions)) - np.log10(min(fractions)) or 1.0
+
+    def xy(fraction: float, value: float) -> tuple[float, float]:
+        x = left + (np.log10(fraction) - np.log10(min(fractions))) / span_x * (width - left - right)
+        return x, top + (high - value) / (high - low) * (height - top - bottom)
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for fraction in fractions:
+        x, _ = xy(fraction, low)
+        draw.text((x - 12, height - bottom + 8), f"{fraction:g}", fill="black")
+    for tick in np.linspace(low, high, 5):
+        _, y = xy(min(fractions), tick)
+        draw.text((8, y - 6), f"{tick:.3f}", fill="black")
+    draw.text((width // 2 - 60, height - 22), "label fraction (log)", fill="black")
+    draw.text((left, 8), f"{key}: scratch (grey) vs pretrained (blue), mean ± sd", fill="black")
+    for init, colour, shift in (("scratch", (120, 120, 120), -4), ("pretrained", (30, 90, 200), 4)):
+        points = [xy(f, summary[k][f"{init}_mean"]) for f, k in zip(fractions, summary)]
+        draw.line([(x + shift, y) for x, y in points], fill=colour, width=2)
+        for (x, y), k in zip(points, summary):
+            sd = summary[k][f"{init}_sd"] / (high - low) * (height - top - bottom)
+            draw.line([(x + shift, y - sd), (x + shift, y + sd)], fill=colour, width=2)
+            draw.ellipse([x + shift - 4, y - 4, x + shift + 4, y + 4], fill=colour)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
