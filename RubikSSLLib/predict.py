@@ -52,6 +52,9 @@ def segment(model_dir: str | Path, volumes: list[str], out: str | Path, roi_size
             overlap: float = 0.25) -> dict:
     """Segment a whole volume; write `out` (.seg.nrrd with named, coloured segments in the input's exact geometry)
     and a plain labelmap `<name>.labels.nrrd` beside it. Returns a summary with voxel counts per segment."""
+    out = Path(out)
+    if not out.name.endswith(".seg.nrrd"):
+        raise BadInput(f"--out {out}: name the result <name>.seg.nrrd (Slicer's segmentation format)")
     model, card = load_finetuned(model_dir, "segment")
     image, grid = _prepared_input(volumes, card)
     roi = tuple(roi_size or card["config"]["patch_size"])
@@ -62,9 +65,6 @@ def segment(model_dir: str | Path, volumes: list[str], out: str | Path, roi_size
     on_grid = image_from_array(values[indices].astype(np.uint16), geometry_of(grid))
     reference = read_image(volumes[0])
     labels = sitk.GetArrayFromImage(sitk.Resample(on_grid, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-    out = Path(out)
-    if not out.name.endswith(".seg.nrrd"):
-        raise BadInput(f"--out {out}: name the result <name>.seg.nrrd (Slicer's segmentation format)")
     write_segmentation(out, labels, reference, card["classes"])
     labelmap_path = out.with_name(out.name[: -len(".seg.nrrd")] + ".labels.nrrd")
     with atomic_path(labelmap_path) as tmp:
