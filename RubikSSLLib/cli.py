@@ -227,16 +227,11 @@ def finetune_config(args: argparse.Namespace):
 
 def run_finetune(args: argparse.Namespace, reporter: Reporter) -> int:
     from RubikSSLLib import finetune, rundir
-    from RubikSSLLib.intensity import IntensityRecipe
-    from RubikSSLLib.networks import EncoderConfig
 
     stored = Path(args.out) / rundir.CONFIG
     if args.resume and stored.exists():
-        data = json.loads(stored.read_text(encoding="utf-8"))
-        data["encoder"] = EncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["encoder"].items()})
-        data["intensity"] = IntensityRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["intensity"].items()})
-        data["patch_size"] = tuple(data["patch_size"])
-        config = finetune.FinetuneConfig(**{**data, "epochs": args.epochs, "device": args.device})
+        config = finetune.FinetuneConfig.from_json(json.loads(stored.read_text(encoding="utf-8")))
+        config.epochs, config.device = args.epochs, args.device  # the run's own settings; budget and device may change
     else:
         config = finetune_config(args)
     metrics = finetune.Finetuning(config, reporter, resume=args.resume).run()

@@ -14,6 +14,11 @@ from RubikSSLLib.networks import EncoderConfig
 from RubikSSLLib.puzzle import PuzzleSpec
 
 
+def settings_from_json(cls: type, data: dict):
+    """A settings dataclass (PuzzleSpec, EncoderConfig, IntensityRecipe) from its JSON form, where tuples became lists."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
 @dataclass
 class PretrainConfig:
     """All settings of `rubikssl pretrain`. Sizes are voxels (z, y, x); spacing_mm is isotropic, None = native."""
@@ -63,9 +68,9 @@ class PretrainConfig:
     @classmethod
     def from_json(cls, data: dict) -> PretrainConfig:
         data = dict(data)
-        data["puzzle"] = PuzzleSpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["puzzle"].items()})
-        data["encoder"] = EncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["encoder"].items()})
-        data["intensity"] = IntensityRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in data["intensity"].items()})
+        data["puzzle"] = settings_from_json(PuzzleSpec, data["puzzle"])
+        data["encoder"] = settings_from_json(EncoderConfig, data["encoder"])
+        data["intensity"] = settings_from_json(IntensityRecipe, data["intensity"])
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 

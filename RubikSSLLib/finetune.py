@@ -19,6 +19,7 @@ from monai.metrics import DiceMetric, MeanIoU, compute_roc_auc
 from torch import nn
 
 from RubikSSLLib import checkpoint, intensity, labeled, models, rundir, transfer
+from RubikSSLLib.config import settings_from_json
 from RubikSSLLib.errors import BadInput, Cancelled
 from RubikSSLLib.files import write_json_atomic
 from RubikSSLLib.intensity import IntensityRecipe
@@ -68,6 +69,13 @@ class FinetuneConfig:
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> FinetuneConfig:
+        data = {**data, "encoder": settings_from_json(EncoderConfig, data["encoder"]),
+                "intensity": settings_from_json(IntensityRecipe, data["intensity"]), "patch_size": tuple(data["patch_size"])}
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass

@@ -13,9 +13,9 @@ from monai.inferers import sliding_window_inference
 from RubikSSLLib import checkpoint, models, rundir
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.files import atomic_path, write_json_atomic
-from RubikSSLLib.finetune import fit_to_size, to_network_range
+from RubikSSLLib.config import settings_from_json
+from RubikSSLLib.finetune import FinetuneConfig, fit_to_size, to_network_range
 from RubikSSLLib.intensity import IntensityRecipe
-from RubikSSLLib.networks import EncoderConfig
 from RubikSSLLib.volumes import geometry_of, image_from_array, load_case, read_image
 
 
@@ -26,9 +26,8 @@ def load_finetuned(run_or_file: str | Path, task: str) -> tuple[torch.nn.Module,
     state, card = checkpoint.load_model(path)
     if card.get("task") != task:
         raise BadInput(f"{path}: is a {card.get('task')!r} model, not a {task!r} model; pick a model of the right task")
-    config = card["config"]
-    encoder = EncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["encoder"].items()})
-    model = models.build(task, config["decoder"], encoder, len(card["classes"]))
+    config = FinetuneConfig.from_json(card["config"])
+    model = models.build(task, config.decoder, config.encoder, len(card["classes"]))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -43,7 +42,7 @@ def _prepared_input(volumes: list[str], card: dict) -> tuple[np.ndarray, sitk.Im
         raise BadInput(f"the model needs {config['encoder']['in_channels']} channel files ({', '.join(card['channels'])}) "
                        f"but got {len(volumes)}; pass one file per channel in that order")
     volume = load_case(volumes, config["spacing_mm"], config["canonical_orientation"])
-    recipe = IntensityRecipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["intensity"].items()})
+    recipe = settings_from_json(IntensityRecipe, config["intensity"])
     grid = image_from_array(np.zeros(volume.array.shape[1:], np.uint8), volume.geometry)
     return to_network_range(volume.array, recipe), grid
 

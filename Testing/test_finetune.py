@@ -13,6 +13,7 @@ import torch
 
 from conftest import rubikssl, shared
 from RubikSSLLib import checkpoint, models, transfer
+from RubikSSLLib.config import settings_from_json
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.networks import EncoderConfig
 
@@ -50,7 +51,7 @@ def segmentation_run(stroke_list: Path, tmp_path_factory: pytest.TempPathFactory
 
 def test_every_encoder_tensor_equals_the_pretrained_one(pretrained_run: Path) -> None:
     state, card = checkpoint.load_model(pretrained_run / "model.safetensors")
-    encoder_config = EncoderConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in card["config"]["encoder"].items()})
+    encoder_config = settings_from_json(EncoderConfig, card["config"]["encoder"])
     for network in (models.build("segment", "unet", encoder_config, 3), models.build("segment", "duc", encoder_config, 2),
                     models.build("classify", "", encoder_config, 2)):
         report, _ = transfer.load_encoder(network, pretrained_run)
