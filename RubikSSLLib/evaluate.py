@@ -100,7 +100,8 @@ def plot(summary: dict, key: str, path: Path, size: tuple[int, int] = (640, 420)
     span_x = np.log10(max(fractions)) - np.log10(min(fractions)) or 1.0
 
     def xy(fraction: float, value: float) -> tuple[float, float]:
-        x = left + (np.log10(fraction) - np.log10(min(fractions))) / span_x * (width - left - right)
+        inset = 24  # keep the end points off the frame
+        x = left + inset + (np.log10(fraction) - np.log10(min(fractions))) / span_x * (width - left - right - 2 * inset)
         return x, top + (high - value) / (high - low) * (height - top - bottom)
 
     draw.rectangle([left, top, width - right, height - bottom], outline="black")
