@@ -25,6 +25,7 @@ from RubikSSLLib.files import write_json_atomic
 from RubikSSLLib.intensity import IntensityRecipe
 from RubikSSLLib.networks import EncoderConfig
 from RubikSSLLib.progress import Reporter
+from RubikSSLLib.volumes import image_from_array
 from RubikSSLLib.training import StopSignal, recalibrate_batchnorm, select_device, versions
 
 PALETTE = [(0.90, 0.30, 0.24), (0.18, 0.55, 0.34), (0.20, 0.44, 0.80), (0.95, 0.77, 0.06), (0.56, 0.27, 0.68),
@@ -142,7 +143,10 @@ class Finetuning:
                 continue
             if not isinstance(source.label, str):
                 raise BadInput(f"{source.name}: segmentation needs a label map file as 'label'")
-            label = labeled.load_label_map(source.label, source.image.channels[0], config.spacing_mm, config.canonical_orientation)
+            grid = image_from_array(np.zeros(volume.array.shape[1:], np.uint8), volume.geometry)
+            label = labeled.load_label_map(source.label, source.image.channels[0], grid)
+            if label.shape != image.shape[1:]:
+                raise RuntimeError(f"{source.label}: label grid {label.shape} != image grid {image.shape[1:]}")
             unknown = sorted(set(np.unique(label).tolist()) - set(values))  # also catches negative values
             if unknown:
                 raise BadInput(f"{source.label}: holds label values {unknown[:5]} outside the classes {sorted(values)}; "
@@ -170,7 +174,7 @@ class Finetuning:
         else:
             seen: set[int] = set()
             for case in train.cases:
-                seen |= set(np.unique(labeled.load_label_map(case.label, case.image.channels[0], None, False)).tolist())
+                seen |= set(np.unique(labeled.load_label_map(case.label, case.image.channels[0])).tolist())
             values = sorted(seen | {0})
         default = "background" if self.config.task == "segment" else "class"
         names = [train.class_names.get(v, default if v == 0 and self.config.task == "segment" else f"{default} {v}")

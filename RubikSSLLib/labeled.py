@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from RubikSSLLib import datasources
 from RubikSSLLib.errors import BadInput
-from RubikSSLLib.volumes import Volume, geometry_of, load_case, read_image, resample_to_spacing
+from RubikSSLLib.volumes import Geometry, Volume, geometry_of, load_case, read_image
 
 
 @dataclass(frozen=True)
@@ -96,18 +96,25 @@ def _nnunet(folder: Path) -> LabeledSet:
     return LabeledSet(cases, names)
 
 
-def load_label_map(path: str, image_source: str, spacing_mm: float | None, canonical: bool) -> np.ndarray:
-    """A label map (Z, Y, X) int64 on the same processed grid as its image; refused if its geometry differs."""
+def _header(path: str) -> tuple[Geometry, tuple[int, ...]] | None:
+    """(geometry, size) of a volume file without reading its voxels; None for a DICOM folder."""
+    if Path(path).is_dir():
+        return None
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(path)
+    reader.ReadImageInformation()
+    return Geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()), reader.GetSize()
+
+
+def load_label_map(path: str, image_source: str, grid: sitk.Image | None = None) -> np.ndarray:
+    """A label map (Z, Y, X) int64, refused if its grid differs from its image's file. With `grid` (the image's
+    processed grid: reoriented, resampled) it is put on that grid by nearest neighbour, voxel for voxel."""
     label = read_image(path)
-    image_header = read_image(image_source) if not Path(image_source).is_dir() else None
-    if image_header is not None and (label.GetSize() != image_header.GetSize()
-                                     or not geometry_of(label).matches(geometry_of(image_header))):
+    header = _header(image_source)
+    if header is not None and (label.GetSize() != header[1] or not geometry_of(label).matches(header[0])):
         raise BadInput(f"{path}: label map geometry differs from its image {image_source}; resample the labels onto the image grid")
-    if canonical:
-        label = sitk.DICOMOrient(label, "LPS")
-    if spacing_mm:
-        reference = resample_to_spacing(sitk.DICOMOrient(image_header, "LPS") if canonical else image_header, spacing_mm)
-        label = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    if grid is not None:
+        label = sitk.Resample(label, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
     array = sitk.GetArrayFromImage(label)
     if array.dtype.kind == "f":
         if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):

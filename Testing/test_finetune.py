@@ -213,3 +213,19 @@ def test_evaluate_pairs_seeds_and_writes_table_and_plot(small_adrenal_labeled: P
                      "--seeds", "2", "--epochs", "1", "--last-epochs", "1", "--intensity", "none", "--progress", "none")
     assert again.returncode == 0
     assert (out / "fraction0.2_seed0_scratch" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_label_map_lands_on_the_processed_image_grid() -> None:
+    from RubikSSLLib import labeled
+    from RubikSSLLib.volumes import image_from_array, load_case
+
+    image, label = shared("seg/stroke_t2/T2.nii.gz"), shared("seg/stroke_t2/lesionT2.nii.gz")
+    volume = load_case([str(image)], spacing_mm=3.0, canonical=True)
+    grid = image_from_array(np.zeros(volume.array.shape[1:], np.uint8), volume.geometry)
+    labels = labeled.load_label_map(str(label), str(image), grid)
+    assert labels.shape == volume.array.shape[1:]
+    assert set(np.unique(labels)) == {0, 1}
+    assert labels.sum() * 27 == pytest.approx(37855, rel=0.1)  # the 1 mm lesion volume, now in 3 mm voxels
+    # the lesion is bright on T2: its mean intensity on the processed grid exceeds the brain's
+    brain = volume.array[0] > np.percentile(volume.array[0], 50)
+    assert volume.array[0][labels == 1].mean() > volume.array[0][brain & (labels == 0)].mean()
