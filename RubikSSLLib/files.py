@@ -17,8 +17,10 @@ def temp_path_for(path: Path) -> Path:
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path to write; on success fsync it and rename it over `path`, on failure delete it."""
+    """Yield a temp path to write; on success fsync it and rename it over `path`, on failure delete it.
+    A missing parent folder is created, as a user naming `results/case1.seg.nrrd` expects."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path_for(path)
     try:
         yield tmp

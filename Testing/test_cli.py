@@ -154,3 +154,26 @@ def test_skip_unusable_leaves_out_thin_volumes_and_says_so(tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     logs = [e["message"] for e in map(progress.parse_line, result.stdout.splitlines()) if e and e["event"] == "log"]
     assert any(m.startswith("skipped:") and "thin_slab.nrrd" in m for m in logs)
+
+
+def test_demo_runs_every_stage_on_the_bundled_data(tmp_path: Path) -> None:
+    """The README's first command, with a tiny budget: pretrain, puzzle, fine-tune, segment an unseen scan."""
+    import slicerio
+
+    from RubikSSLLib.cli import SAMPLE_DATA
+    from RubikSSLLib.progress import parse_line
+
+    result = rubikssl("demo", "--out", str(tmp_path), "--steps", "4", "--finetune-epochs", "1", "--progress", "json")
+    assert result.returncode == 0, result.stderr
+    events = [e for e in map(parse_line, result.stdout.splitlines()) if e]
+    assert events[-1]["event"] == "done" and events[-1]["status"] == "ok"
+    assert (tmp_path / "puzzle" / "scrambled.nrrd").exists()
+    finetune_card = json.loads((tmp_path / "finetune" / "model.json").read_text())
+    assert finetune_card["init"]["loaded"] > 0 and finetune_card["init"]["missing"] == []
+    segmentation = slicerio.read_segmentation(str(tmp_path / "segment" / "M2265.seg.nrrd"))
+    assert [s["name"] for s in segmentation["segments"]] == ["stroke lesion"]
+    labels = sitk.ReadImage(str(tmp_path / "segment" / "M2265.labels.nrrd"))
+    source = sitk.ReadImage(str(SAMPLE_DATA / "t2lesion_M2265_T2w.nii.gz"))
+    assert labels.GetSize() == source.GetSize()
+    assert np.allclose(labels.GetOrigin(), source.GetOrigin(), atol=1e-4)
+    assert np.allclose(labels.GetDirection(), source.GetDirection(), atol=1e-6)
