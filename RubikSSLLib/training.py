@@ -192,7 +192,7 @@ class StopSignal:
     """Turns SIGTERM and Ctrl-C into a flag checked between steps, so the step in flight finishes and is
     checkpointed before the process exits."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ())  # Windows: CTRL_BREAK
 
     def __init__(self) -> None:
         self.received = False

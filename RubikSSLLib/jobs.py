@@ -1,0 +1,225 @@
+"""A background `rubikssl` process as the Slicer panel runs it: launch, read progress without blocking, cancel.
+
+The panel never imports torch: it starts the library's command line with `--progress json` in its own process
+group, a reader thread moves output lines into a queue, and the panel drains that queue from a Qt timer with
+`poll()`. Cancel is cooperative first (the run folder's STOP file: the worker checkpoints and exits 3), then
+SIGTERM to the whole process group (the worker treats it the same way), then a hard kill of the group, so no
+child process is orphaned. Pure Python: tested here against the real command line.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from RubikSSLLib import rundir
+from RubikSSLLib.errors import EXIT_CANCELLED, EXIT_OK
+from RubikSSLLib.progress import parse_line
+
+LIBRARY_PARENT = Path(__file__).resolve().parent.parent
+
+
+def command_line(python: str, command: str, options: dict[str, Any]) -> list[str]:
+    """`python -m RubikSSLLib COMMAND --option value ...` with JSON progress.
+
+    options: option name without dashes (underscores become dashes) -> value; True adds a bare flag, False/None
+    leaves the option out, a list gives several values.
+    """
+    args = [python, "-m", "RubikSSLLib", command]
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, (list, tuple)):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args + ["--progress", "json"]
+
+
+def worker_environment(base: dict[str, str] | None = None, cpu_only: bool = False) -> dict[str, str]:
+    """The worker's environment: `base` (Slicer's startup environment) with this library importable,
+    unbuffered output and, for CPU runs, CUDA hidden."""
+    env = dict(os.environ if base is None else base)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(LIBRARY_PARENT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"
+    if cpu_only:
+        env["CUDA_VISIBLE_DEVICES"] = "-1"
+    return env
+
+
+@dataclass
+class JobState:
+    """What the panel shows: fed every output line, it keeps the latest progress, metrics, artifacts and outcome."""
+
+    fraction: float = 0.0
+    step: int = 0
+    total: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)
+    artifacts: list[dict[str, str]] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    status: str = "running"  # running, ok, cancelled, failed
+    error: str = ""
+    exit_code: int | None = None
+
+    def feed(self, line: str) -> dict[str, Any] | None:
+        """Take one output line; return its event (None for a plain log line)."""
+        event = parse_line(line)
+        if event is None:
+            if line.strip():
+                self.log.append(line)
+            return None
+        kind = event["event"]
+        if kind == "progress":
+            self.step, self.total = int(event.get("step", 0)), int(event.get("total", 0))
+            self.fraction = max(self.fraction, float(event.get("fraction", 0.0)))  # a resumed stage never moves it back
+        elif kind == "metric":
+            self.metrics.update({k: v for k, v in event.items() if k != "event"})
+        elif kind == "artifact":
+            self.artifacts.append({"path": event["path"], "kind": event["kind"]})
+        elif kind == "log":
+            self.log.append(event.get("message", ""))
+        elif kind == "error":
+            self.error = event.get("message", "")
+        elif kind == "done":
+            self.status = event.get("status", "ok")
+        return event
+
+    def finish(self, exit_code: int) -> None:
+        """Record the exit code; it decides the outcome even when the process died without a done event."""
+        self.exit_code = exit_code
+        if exit_code == EXIT_OK:
+            self.status = "ok"
+        elif exit_code == EXIT_CANCELLED:
+            self.status = "cancelled"
+        else:
+            self.status = "failed"
+            if not self.error:
+                tail = [line for line in self.log[-5:] if line.strip()]
+                self.error = (tail[-1] if tail else f"the worker stopped with exit code {exit_code}")
+                if exit_code < 0:
+                    self.error = f"the worker was killed by signal {-exit_code}"
+
+    def artifact(self, kind: str) -> str | None:
+        return next((a["path"] for a in reversed(self.artifacts) if a["kind"] == kind), None)
+
+
+class Job:
+    """One worker process. Call `poll()` regularly (a Qt timer); it returns the events seen since the last call."""
+
+    def __init__(self, args: list[str], run_dir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
+                 cwd: str | None = None, stop_grace_s: float = 60.0, term_grace_s: float = 15.0) -> None:
+        self.args = args
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.state = JobState()
+        self.stop_grace_s, self.term_grace_s = stop_grace_s, term_grace_s
+        self._cancel_started: float | None = None
+        self._signals_sent: set[str] = set()
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        if self.run_dir is not None:
+            (self.run_dir / rundir.STOP).unlink(missing_ok=True)  # an old request must not stop the new job
+        self.process = subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or worker_environment(),
+            cwd=cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **_own_process_group())
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self._lines.put(line.rstrip("\r\n"))
+        self._lines.put(None)
+
+    @property
+    def running(self) -> bool:
+        return self.state.exit_code is None
+
+    def poll(self) -> list[dict[str, Any]]:
+        """Drain the output so far into `state`; escalate a pending cancel; notice the exit. Never blocks."""
+        events = []
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self.state.finish(self.process.wait())
+                break
+            event = self.state.feed(line)
+            if event is not None:
+                events.append(event)
+        if self.running and self._cancel_started is not None:
+            self._escalate()
+        return events
+
+    def wait(self, timeout: float | None = None, interval: float = 0.05) -> JobState:
+        """Poll until the job ends (for scripts and tests; the panel uses its timer instead)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.running:
+            self.poll()
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"rubikssl job still running after {timeout} s: {' '.join(self.args[:4])}")
+            time.sleep(interval)
+        return self.state
+
+    def cancel(self) -> None:
+        """Ask the worker to stop: STOP file now, SIGTERM after `stop_grace_s`, SIGKILL `term_grace_s` later.
+        Without a run folder (inference) it goes straight to SIGTERM."""
+        if not self.running or self._cancel_started is not None:
+            return
+        self._cancel_started = time.monotonic()
+        if self.run_dir is not None and self.run_dir.is_dir():
+            (self.run_dir / rundir.STOP).touch()
+        else:
+            self._signal("term")
+        self.poll()
+
+    def kill(self) -> None:
+        """End the whole process tree now (closing Slicer or the scene must not leave a worker behind)."""
+        if self.running:
+            self._signal("kill")
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+    def _escalate(self) -> None:
+        waited = time.monotonic() - self._cancel_started
+        if waited > self.stop_grace_s:
+            self._signal("term")
+        if waited > self.stop_grace_s + self.term_grace_s:
+            self._signal("kill")
+
+    def _signal(self, which: str) -> None:
+        if which in self._signals_sent or self.process.poll() is not None:
+            return
+        self._signals_sent.add(which)
+        try:
+            if sys.platform == "win32":
+                if which == "term":
+                    self.process.send_signal(signal.CTRL_BREAK_EVENT)
+                else:
+                    subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.process.pid)], capture_output=True)
+            else:
+                os.killpg(self.process.pid, signal.SIGTERM if which == "term" else signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, OSError):
+            pass
+
+
+def _own_process_group() -> dict[str, Any]:
+    """Start the worker as the leader of a new process group, so a signal reaches its children too."""
+    if sys.platform == "win32":
+        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | getattr(subprocess, "CREATE_NO_WINDOW", 0)}
+    return {"start_new_session": True}
+
