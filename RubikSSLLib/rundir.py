@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from filelock import FileLock, Timeout
-
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.files import remove_stale_temp_files
 
@@ -24,7 +22,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self._lock: FileLock | None = None
+        self._lock = None  # a filelock.FileLock while held
 
     def file(self, name: str) -> Path:
         return self.path / name
@@ -40,6 +38,8 @@ class RunDir:
             raise BadInput(f"{self.path}: cannot write the run folder ({error.strerror}); choose a writable --out") from None
 
     def __enter__(self) -> RunDir:
+        from filelock import FileLock, Timeout  # here, so the Slicer panel can import this module before installs
+
         self.create()
         self._lock = FileLock(str(self.file(LOCK)))
         try:
