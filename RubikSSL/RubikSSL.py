@@ -121,6 +121,7 @@ class RubikSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resumeFinetuneButton.connect("clicked(bool)", lambda: self.onStartOrCancel(self.ui.resumeFinetuneButton, lambda: self.startFinetuning(resume=True)))
         self.ui.runButton.connect("clicked(bool)", lambda: self.onStartOrCancel(self.ui.runButton, self.startInference))
         self.ui.installButton.connect("clicked(bool)", self.onInstall)
+        self.ui.pretrainVolumesSelector.connect("checkedNodesChanged()", self.updateButtons)
         self.ui.progressBar.hide()
         self.showVersions()
         self.initializeParameterNode()
@@ -429,8 +430,9 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
     def startPuzzle(self, p: RubikSSLParameterNode, solve: bool) -> None:
         folder = self.workDirectory()
         volume = self.writeVolume(p.inputVolume, folder / "input.nrrd")
-        options = {"volume": str(volume), "out": str(folder / "puzzle"), "seed": p.puzzleSeed,
-                   "model": str(p.pretrainRun) if solve else None}
+        options = {"volume": str(volume), "out": str(folder / "puzzle"), "seed": p.puzzleSeed}
+        # a model brings its own puzzle settings; without one, the panel's cube size and K apply
+        options.update({"model": str(p.pretrainRun)} if solve else {"cube_size": p.cubeSize, "permutations": p.numPermutations})
         inputNode = p.inputVolume
         self.start("puzzle", options, onFinished=lambda state: self.loadPuzzle(folder / "puzzle", inputNode))
 
@@ -445,8 +447,7 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
     def loadSegmentation(self, path: Path, inputNode) -> str:
         segmentationNode = slicer.util.loadSegmentation(str(path))
         segmentationNode.SetName(slicer.mrmlScene.GenerateUniqueName(f"{inputNode.GetName()} RubikSSL"))
-        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputNode)
-        segmentationNode.SetNodeReferenceID("referenceImageGeometryRef", inputNode.GetID())
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputNode)  # also references the input
         segmentationNode.CreateClosedSurfaceRepresentation()
         self.placeUnder(segmentationNode, inputNode)
         slicer.util.setSliceViewerLayers(background=inputNode)
@@ -458,13 +459,13 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
         result = json.loads(Path(path).read_text(encoding="utf-8"))
         table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", f"{inputNode.GetName()} RubikSSL classes")
         table.AddColumn().SetName("class")
-        probability = vtk.vtkDoubleArray()
-        probability.SetName("probability")
-        table.AddColumn(probability)
+        table.AddColumn().SetName("probability")
+        table.AddColumn().SetName("predicted")
         for name, value in result["probabilities"].items():
             row = table.AddEmptyRow()
             table.SetCellText(row, 0, name)
             table.SetCellText(row, 1, f"{value:.4f}")
+            table.SetCellText(row, 2, "yes" if name == result["predicted"] else "")
         self.placeUnder(table, inputNode)
         slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
         slicer.app.applicationLogic().PropagateTableSelection()
@@ -537,9 +538,9 @@ class RubikSSLTest(ScriptedLoadableModuleTest):
         import numpy as np
 
         rng = np.random.default_rng(0)
-        array = rng.normal(100, 20, (48, 56, 60)).astype(np.float32)  # K, J, I
-        array[10:30, 15:40, 20:45] += 200
-        ijkToRAS = np.diag([-1.2, -1.0, 2.0, 1.0])
+        array = rng.normal(100, 20, (64, 96, 96)).astype(np.float32)  # K, J, I; 96 x 96 x 128 mm
+        array[10:50, 20:70, 25:80] += 200
+        ijkToRAS = np.diag([-1.0, -1.0, 2.0, 1.0])
         ijkToRAS[:3, 3] = (30.0, 20.0, -10.0)
         return slicer.util.addVolumeFromArray(array, ijkToRAS, name="synthetic")
 
@@ -577,7 +578,7 @@ class RubikSSLTest(ScriptedLoadableModuleTest):
             return
         p = logic.getParameterNode()
         p.inputVolume = self.syntheticVolume()
-        p.cubeSize, p.steps, p.batchSize, p.device = 12, 100000, 2, "cpu"
+        p.cubeSize, p.steps, p.batchSize, p.device = 16, 100000, 2, "cpu"
         p.pretrainRun = logic.workDirectory() / "run"
 
         logic.startPuzzle(p, solve=False)

@@ -22,13 +22,14 @@ def _to_uint8(image: np.ndarray, low: float, high: float) -> np.ndarray:
 
 def montage(columns: list[np.ndarray], at_zyx: tuple[int, int, int], zoom: int = 2, separator: int = 2) -> np.ndarray:
     """(H, W) uint8 grid: one column per (Z, Y, X) volume, one row per orientation (slices through `at_zyx`, e.g.
-    the middle of the first cube layer: mid-slices of a puzzle fall in the gap); shared 1-99% window."""
-    low, high = np.percentile(columns[0], [1, 99])
+    the middle of the first cube layer: mid-slices of a puzzle fall in the gap); each column gets its own 1-99%
+    window, because the scrambled cubes are rescaled to [-1, 1] while the original keeps its intensities."""
+    windows = [np.percentile(v, [1, 99]) for v in columns]
     rows = []
     for row in zip(*(_orthogonal_slices(v, at_zyx) for v in columns)):
         height = max(s.shape[0] for s in row)
         tiles = []
-        for tile in row:
+        for tile, (low, high) in zip(row, windows):
             tile = _to_uint8(tile, low, high)
             tile = np.pad(tile, ((0, height - tile.shape[0]), (0, separator)), constant_values=255)
             tiles.append(tile)

@@ -78,6 +78,13 @@ def test_volume_smaller_than_the_puzzle_names_the_minimum(tmp_path: Path) -> Non
     assert not (tmp_path / "o").exists()
 
 
+def test_cube_smaller_than_the_encoder_can_take_names_the_minimum(tmp_path: Path) -> None:
+    result = rubikssl("pretrain", "--data", str(shared("pretrain/HeadMRVolume.mhd")), "--out", str(tmp_path / "o"),
+                      "--cube-size", "12", "--steps", "2", "--progress", "json")
+    assert_bad_input(result, "--cube-size 12", "at least 16")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("case", ["missing", "two_d", "four_d", "nan", "constant", "mismatched", "empty", "truncated",
                                   "unwritable"])
 def test_pretrain_refuses_bad_input_with_one_line_and_writes_nothing(tmp_path: Path, case: str) -> None:
@@ -167,7 +174,13 @@ def test_demo_runs_every_stage_on_the_bundled_data(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     events = [e for e in map(parse_line, result.stdout.splitlines()) if e]
     assert events[-1]["event"] == "done" and events[-1]["status"] == "ok"
-    assert (tmp_path / "puzzle" / "scrambled.nrrd").exists()
+    # with a model, the scrambled cubes are the network's [-1, 1] input: each montage column needs its own window
+    # (a shared one drew the scrambled and solved columns black)
+    from PIL import Image
+
+    montage = np.asarray(Image.open(tmp_path / "puzzle" / "montage.png"))
+    spread = [c[c < 255].std() for c in np.array_split(montage, 3, axis=1)]  # original | scrambled | recovered
+    assert min(spread) > 0.5 * max(spread) > 10
     finetune_card = json.loads((tmp_path / "finetune" / "model.json").read_text())
     assert finetune_card["init"]["loaded"] > 0 and finetune_card["init"]["missing"] == []
     segmentation = slicerio.read_segmentation(str(tmp_path / "segment" / "M2265.seg.nrrd"))
