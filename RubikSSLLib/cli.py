@@ -15,6 +15,7 @@ from RubikSSLLib.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EX
 from RubikSSLLib.progress import MODES, Reporter
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
+TASKS = ("rubik", "jigsaw", "rotation", "mae", "genesis")  # RubikSSLLib.tasks.REGISTRY (a test keeps them equal)
 DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 
 
@@ -48,7 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rubikssl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pretrain = commands.add_parser("pretrain", help="pretrain an encoder on the Rubik's cube task")
+    pretrain = commands.add_parser("pretrain", help="pretrain an encoder on a pretext task (default: Rubik's cube)")
+    pretrain.add_argument("--task", choices=TASKS, default="rubik",
+                          help="pretext task: rubik, jigsaw (--grid 2|3), rotation, mae, genesis (default rubik)")
     pretrain.add_argument("--data", nargs="+", required=True, help="volume files, folders, datalist .json, nnU-Net folder, .npz")
     pretrain.add_argument("--out", required=True, help="run folder (checkpoints, model, metrics)")
     pretrain.add_argument("--steps", type=int, default=2000)
@@ -71,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     puzzle.add_argument("--volume", nargs="+", required=True, help="the channel files of one case")
     puzzle.add_argument("--out", required=True, help="output folder")
     puzzle.add_argument("--model", help="a pretraining run folder: also record its solution")
+    puzzle.add_argument("--task", choices=TASKS, default="rubik",
+                        help="show this pretext task's input and target instead (rotation, mae, genesis)")
     puzzle.add_argument("--seed", type=int, default=0)
     puzzle.add_argument("--progress", choices=MODES, default="bar")
     add_data_options(puzzle)
@@ -157,7 +162,7 @@ def pretrain_config(args: argparse.Namespace):
         learning_rate=args.learning_rate, eval_every=args.eval_every, val_puzzles=args.val_puzzles,
         encoder=EncoderConfig(in_channels, args.widths, (1,) + (2,) * (len(args.widths) - 1), args.norm),
         seed=args.seed, device=args.device, precision=args.precision, workers=args.workers,
-        skip_unusable=args.skip_unusable, **data_settings(args),
+        skip_unusable=args.skip_unusable, task=args.task, **data_settings(args),
     )
 
 
@@ -186,9 +191,18 @@ def run_puzzle(args: argparse.Namespace, reporter: Reporter) -> int:
     if args.model:
         model, card = training.load_pretrained(args.model)
         config = PretrainConfig.from_json(card["config"])
+        if "permutations" not in card:
+            raise BadInput(f"{args.model}: a {config.task} model solves no puzzle; give a rubik or jigsaw run, or use --task")
         table = np.array(card["permutations"], dtype=np.int64)
     else:
-        config = PretrainConfig(data=list(args.volume), out=args.out, **data_settings(args))
+        config = PretrainConfig(data=list(args.volume), out=args.out, task=args.task, **data_settings(args))
+        if config.task not in ("rubik", "jigsaw"):
+            record = puzzleview.write_task_sample(list(args.volume), Path(args.out), config, args.seed)
+            for kind, name in puzzleview.TASK_OUTPUTS.items():
+                if (Path(args.out) / name).exists():
+                    reporter.artifact(str(Path(args.out) / name), kind)
+            reporter.done("ok", EXIT_OK, task=config.task)
+            return EXIT_OK
         spec = config.puzzle
         table = puzzle.permutation_table(spec.num_cubes, spec.num_permutations, spec.permutation_seed)
     record = puzzleview.write_puzzle(list(args.volume), Path(args.out), config, table, args.seed, model)

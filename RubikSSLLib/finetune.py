@@ -189,7 +189,8 @@ class Finetuning:
         if config.init != "scratch":
             report, card = transfer.load_encoder(network, config.init)
             self.load_report = {"loaded": len(report.loaded), "missing": report.missing, "unexpected": report.unexpected,
-                                "adapted": report.adapted, "pretraining_task": card.get("task"), "pretraining_step": card.get("step")}
+                                "adapted": report.adapted, "decoder_loaded": len(report.decoder),
+                                "pretraining_task": card.get("task"), "pretraining_step": card.get("step")}
             self.reporter.log(f"initialised from {config.init}: {report.summary()}")
         return network.to(self.device)
 

@@ -93,15 +93,17 @@ class RubikNet(nn.Module):
     the M codes are concatenated; order head FC1024-FC1024-FC K; rotation heads FC1024-FC M (kept shallow:
     deeper rotation heads collapsed in the Medical-SSL ablation)."""
 
-    def __init__(self, encoder: Encoder, num_cubes: int, num_permutations: int, code_size: int = 64) -> None:
+    def __init__(self, encoder: Encoder, num_cubes: int, num_permutations: int, code_size: int = 64,
+                 rotation_heads: bool = True) -> None:
         super().__init__()
         self.encoder = encoder
         self.num_cubes = num_cubes
         self.project = nn.Sequential(nn.Linear(encoder.out_channels, code_size), nn.ReLU(inplace=True), nn.BatchNorm1d(code_size))
         joint = num_cubes * code_size
         self.order_head = mlp([joint, 1024, 1024, num_permutations])
-        self.hor_head = mlp([joint, 1024, num_cubes])
-        self.ver_head = mlp([joint, 1024, num_cubes])
+        if rotation_heads:  # a plain jigsaw has none (unused parameters would stall DistributedDataParallel)
+            self.hor_head = mlp([joint, 1024, num_cubes])
+            self.ver_head = mlp([joint, 1024, num_cubes])
 
     def forward(self, cubes: torch.Tensor) -> dict[str, torch.Tensor]:
         """cubes: (B, M, C, cz, cy, cx) -> logits: order (B, K), hor (B, M), ver (B, M)."""
@@ -109,7 +111,10 @@ class RubikNet(nn.Module):
         features = self.encoder(cubes.flatten(0, 1))[-1]
         codes = self.project(features.mean(dim=(2, 3, 4)).float())
         joint = codes.reshape(batch, cubes_per_puzzle * codes.shape[1])
-        return {"order": self.order_head(joint), "hor": self.hor_head(joint), "ver": self.ver_head(joint)}
+        logits = {"order": self.order_head(joint)}
+        if hasattr(self, "hor_head"):
+            logits.update(hor=self.hor_head(joint), ver=self.ver_head(joint))
+        return logits
 
 
 def rubik_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -28,6 +28,8 @@ def solve(model: torch.nn.Module, cubes: np.ndarray) -> tuple[int, np.ndarray]:
     """The model's (permutation index, per-slot rotation classes) for scrambled cubes (M, C, cz, cy, cx)."""
     with torch.no_grad():
         logits = model(torch.from_numpy(puzzle.normalise_cubes(cubes))[None])
+    if "hor" not in logits:  # a jigsaw model: no rotations
+        return int(logits["order"].argmax(1)), np.zeros(len(cubes), dtype=np.int64)
     rotations = puzzle.rotation_classes(torch.sigmoid(logits["hor"])[0].numpy(), torch.sigmoid(logits["ver"])[0].numpy())
     return int(logits["order"].argmax(1)), rotations
 
@@ -42,7 +44,8 @@ def write_puzzle(volumes: list[str], out: Path, config: PretrainConfig, table: n
     start = sampling.crop_start(case, spec.crop_size, None)
     z, y, x = start
     original = case.array[:, z : z + spec.crop_size[0], y : y + spec.crop_size[1], x : x + spec.crop_size[2]].astype(np.float32)
-    scrambled = puzzle.scramble(original, spec, table, np.random.default_rng(seed), train=False, normalise=False)
+    scrambled = puzzle.scramble(original, spec, table, np.random.default_rng(seed), train=False, normalise=False,
+                                rotate=config.task != "jigsaw")
     permutation_index, rotations = scrambled.permutation_index, scrambled.rotations
     record: dict = {
         "volumes": volumes, "seed": seed, "crop_start_zyx": start.tolist(), "crop_size_zyx": list(spec.crop_size),
@@ -79,4 +82,41 @@ def write_puzzle(volumes: list[str], out: Path, config: PretrainConfig, table: n
         write_json_atomic(out / OUTPUTS["puzzle"], record)
     except PermissionError as error:
         raise BadInput(f"{out}: cannot write the puzzle outputs ({error.strerror}); choose a writable --out") from None
+    return record
+
+
+TASK_OUTPUTS = {"input": "input.nrrd", "target": "target.nrrd", "weight": "weight.nrrd", "montage": "montage.png",
+                "sample": "sample.json"}
+
+
+def write_task_sample(volumes: list[str], out: Path, config: PretrainConfig, seed: int) -> dict:
+    """For the single-crop tasks (rotation, mae, genesis): the network's input and its target as volumes in the
+    crop's place, the loss weight (restoration), a montage and sample.json. Returns sample.json's content."""
+    from RubikSSLLib import tasks
+
+    task = tasks.create(config)
+    source = datasources.CaseSource(tuple(volumes))
+    case = sampling.prepare(datasources.load(source, config.spacing_mm, config.canonical_orientation), task.shape,
+                            config.intensity)
+    rng = np.random.default_rng(seed)
+    # the task's sample() draws its crop corner first: the same draw on a copy of the Generator gives its place
+    start = sampling.crop_start(case, task.shape.crop_size, np.random.default_rng(seed))
+    sample = {k: v.numpy() for k, v in task.sample(case, rng, False).items()}
+    record: dict = {"task": config.task, "volumes": volumes, "seed": seed, "crop_start_zyx": start.tolist(),
+                    "crop_size_zyx": list(task.shape.crop_size)}
+    views = {"input": sample["input"]}
+    if "label" in sample:  # rotation: the target is the crop before the turn
+        record["rotation_class"] = int(sample["label"])
+        z, y, x = start
+        size = task.shape.crop_size
+        views["target"] = case.mapping.apply(case.array[:, z:z + size[0], y:y + size[1], x:x + size[2]]) * 2 - 1
+    else:
+        views["target"], views["weight"] = sample["target"], sample["weight"]
+    geometry = case.geometry.shifted(tuple(start))
+    out.mkdir(parents=True, exist_ok=True)
+    for name, view in views.items():
+        write_volume(out / TASK_OUTPUTS[name], view.astype(np.float32), geometry)
+    centre = tuple(s // 2 for s in task.shape.crop_size)
+    visualize.write_png(out / TASK_OUTPUTS["montage"], visualize.montage([views["input"][0], views["target"][0]], centre))
+    write_json_atomic(out / TASK_OUTPUTS["sample"], record)
     return record

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -31,7 +32,21 @@ class PreparedCase:
     fg_stop: np.ndarray
 
 
-def prepare(volume: Volume, spec: puzzle.PuzzleSpec, recipe: intensity.IntensityRecipe) -> PreparedCase:
+class CropShape(Protocol):
+    """What a pretext task cuts from a case: crops of crop_size, from volumes of at least min_volume_size
+    (thinner volumes are padded up to the crop). A PuzzleSpec is one."""
+
+    crop_size: tuple[int, int, int]
+    min_volume_size: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
+class Crop:
+    crop_size: tuple[int, int, int]
+    min_volume_size: tuple[int, int, int]
+
+
+def prepare(volume: Volume, spec: CropShape, recipe: intensity.IntensityRecipe) -> PreparedCase:
     """Check the size, fit the intensity map, pad thin volumes with background, find the foreground box."""
     shape = np.array(volume.array.shape[1:])
     minimum = np.array(spec.min_volume_size)
@@ -64,12 +79,19 @@ def crop_start(case: PreparedCase, crop_size: tuple[int, int, int], rng: np.rand
 
 
 def make_puzzle(case: PreparedCase, spec: puzzle.PuzzleSpec, table: np.ndarray, rng: np.random.Generator,
-                train: bool) -> puzzle.Puzzle:
+                train: bool, rotate: bool = True) -> puzzle.Puzzle:
     """A puzzle from a random foreground crop; `train` draws random gaps, otherwise gaps are centred. The case's
-    intensity window is applied to the cubes only (not to the whole crop)."""
+    intensity window is applied to the cubes only (not to the whole crop). rotate=False: a plain jigsaw."""
     start = crop_start(case, spec.crop_size, rng)
     return puzzle.scramble(case.array, spec, table, rng, train=train, crop_start=tuple(start),
-                           window=(case.mapping.low, case.mapping.high))
+                           window=(case.mapping.low, case.mapping.high), rotate=rotate)
+
+
+def crop(case: PreparedCase, size: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
+    """(C, *size) float32 crop around a random foreground point, intensity-mapped to [0, 1] then scaled to [-1, 1]."""
+    start = crop_start(case, size, rng)
+    box = (slice(None),) + tuple(slice(int(a), int(a) + s) for a, s in zip(start, size))
+    return (case.mapping.apply(case.array[box]).astype(np.float32) * 2 - 1)
 
 
 def to_sample(item: puzzle.Puzzle) -> dict[str, torch.Tensor]:
@@ -83,13 +105,16 @@ def to_sample(item: puzzle.Puzzle) -> dict[str, torch.Tensor]:
     }
 
 
-class PuzzleStream(torch.utils.data.IterableDataset):
-    """Endless training puzzles. Each (rank, worker, start step) draws from its own seeded Generator."""
+Sampler = Callable[[PreparedCase, np.random.Generator, bool], dict[str, torch.Tensor]]
 
-    def __init__(self, cases: list[PreparedCase], spec: puzzle.PuzzleSpec, table: np.ndarray, seed: int,
-                 rank: int = 0, start_step: int = 0) -> None:
+
+class SampleStream(torch.utils.data.IterableDataset):
+    """Endless training samples of a pretext task (`sample(case, rng, train=True)`). Each (rank, worker, start
+    step) draws from its own seeded Generator, so a resumed run does not replay the samples it has seen."""
+
+    def __init__(self, cases: list[PreparedCase], sample: Sampler, seed: int, rank: int = 0, start_step: int = 0) -> None:
         super().__init__()
-        self.cases, self.spec, self.table = cases, spec, table
+        self.cases, self.sample = cases, sample
         self.seed, self.rank, self.start_step = seed, rank, start_step
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -97,12 +122,10 @@ class PuzzleStream(torch.utils.data.IterableDataset):
         worker = info.id if info else 0
         rng = np.random.default_rng([self.seed, self.rank, worker, self.start_step])
         while True:
-            case = self.cases[int(rng.integers(len(self.cases)))]
-            yield to_sample(make_puzzle(case, self.spec, self.table, rng, train=True))
+            yield self.sample(self.cases[int(rng.integers(len(self.cases)))], rng, True)
 
 
-def fixed_puzzles(cases: list[PreparedCase], spec: puzzle.PuzzleSpec, table: np.ndarray, count: int,
-                  seed: int) -> list[dict[str, torch.Tensor]]:
-    """`count` evaluation puzzles, the same for a seed: centred gaps, crops drawn from each case's foreground."""
+def fixed_samples(cases: list[PreparedCase], sample: Sampler, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """`count` evaluation samples, the same for a seed, drawn from the cases in turn with `train=False`."""
     rng = np.random.default_rng([seed, 7919])
-    return [to_sample(make_puzzle(cases[i % len(cases)], spec, table, rng, train=False)) for i in range(count)]
+    return [sample(cases[i % len(cases)], rng, False) for i in range(count)]

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from RubikSSLLib import __version__, checkpoint, datasources, puzzle, rundir, sampling
+from RubikSSLLib import __version__, checkpoint, datasources, rundir, sampling, tasks
 from RubikSSLLib.config import PretrainConfig
 from RubikSSLLib.errors import BadInput, Cancelled
 from RubikSSLLib.files import write_json_atomic
-from RubikSSLLib.networks import Encoder, RubikNet, rubik_loss
+from RubikSSLLib.tasks.base import PretextTask
 from RubikSSLLib.progress import Reporter
 
 
@@ -86,15 +86,18 @@ def learning_rate_at(step: int, config: PretrainConfig) -> float:
     return config.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
-def build_model(config: PretrainConfig) -> RubikNet:
-    return RubikNet(Encoder(config.encoder), config.puzzle.num_cubes, config.puzzle.num_permutations)
+def build_model(config: PretrainConfig) -> nn.Module:
+    """The pretext task's network (its encoder under `.encoder`)."""
+    return tasks.create(config).build_model()
 
 
 Loaded = tuple[datasources.CaseSource, sampling.PreparedCase]
 
 
-def load_cases(sources: list[datasources.CaseSource], config: PretrainConfig, reporter: Reporter) -> list[Loaded]:
-    """Load and prepare every case. A bad case stops the run, or with skip_unusable is reported and left out."""
+def load_cases(sources: list[datasources.CaseSource], config: PretrainConfig, reporter: Reporter,
+               shape: sampling.CropShape | None = None) -> list[Loaded]:
+    """Load and prepare every case for crops of `shape` (default: the puzzle's). A bad case stops the run, or with
+    skip_unusable is reported and left out."""
     if sources:
         reporter.log(f"loading {len(sources)} volumes")
     cases = []
@@ -106,7 +109,7 @@ def load_cases(sources: list[datasources.CaseSource], config: PretrainConfig, re
                     f"{source.name}: has {volume.array.shape[0]} channels but the first case has "
                     f"{config.encoder.in_channels}; give every case the same channels"
                 )
-            cases.append((source, sampling.prepare(volume, config.puzzle, config.intensity)))
+            cases.append((source, sampling.prepare(volume, shape or config.puzzle, config.intensity)))
         except BadInput as error:
             if not config.skip_unusable:
                 raise
@@ -158,27 +161,19 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterator[dict[str, torch.Te
 
 
 @torch.no_grad()
-def evaluate(model: RubikNet, puzzles: list[dict[str, torch.Tensor]], device: torch.device,
+def evaluate(model: nn.Module, samples: list[dict[str, torch.Tensor]], device: torch.device, task: PretextTask,
              batch_size: int = 16) -> dict[str, float]:
-    """Held-out ordering accuracy (chance 1/K), per-cube orientation accuracy (chance 1/3) and loss."""
+    """The task's validation scores averaged over the fixed held-out samples (for Rubik: ordering accuracy,
+    chance 1/K, per-cube orientation accuracy, chance 1/3, and loss)."""
     model.eval()
-    correct_order = correct_rotation = cubes_seen = 0
-    loss_sum = 0.0
-    for first in range(0, len(puzzles), batch_size):
-        chunk = puzzles[first : first + batch_size]
+    totals: dict[str, float] = {}
+    for first in range(0, len(samples), batch_size):
+        chunk = samples[first : first + batch_size]
         batch = move_batch({k: torch.stack([p[k] for p in chunk]) for k in chunk[0]}, device)
-        logits = model(batch["cubes"])
-        loss_sum += float(rubik_loss(logits, batch)) * len(chunk)
-        correct_order += int((logits["order"].argmax(1) == batch["order"]).sum())
-        predicted = puzzle.rotation_classes(torch.sigmoid(logits["hor"]).cpu().numpy(), torch.sigmoid(logits["ver"]).cpu().numpy())
-        correct_rotation += int((predicted == batch["rotations"].cpu().numpy()).sum())
-        cubes_seen += predicted.size
+        for name, value in task.scores(task.forward(model, batch), batch).items():
+            totals[name] = totals.get(name, 0.0) + value
     model.train()
-    return {
-        "val_ordering_acc": correct_order / len(puzzles),
-        "val_orientation_acc": correct_rotation / cubes_seen,
-        "val_loss": loss_sum / len(puzzles),
-    }
+    return task.summarise({name: total / len(samples) for name, total in totals.items()})
 
 
 def versions() -> dict[str, str]:
@@ -252,16 +247,16 @@ class Pretraining:
 
     def _setup(self) -> None:
         config = self.config
+        self.task = tasks.create(config)
         pools = datasources.resolve(config.data)
-        train, validation = split_cases(load_cases(pools.train, config, self.reporter),
-                                        load_cases(pools.validation, config, self.reporter), config, self.reporter)
+        shape = self.task.shape
+        train, validation = split_cases(load_cases(pools.train, config, self.reporter, shape),
+                                        load_cases(pools.validation, config, self.reporter, shape), config, self.reporter)
         self.reporter.log(f"{len(train)} training and {len(validation)} validation volumes")
         self.train_sources, self.train_cases = [s for s, _ in train], [c for _, c in train]
         self.val_sources, self.val_cases = [s for s, _ in validation], [c for _, c in validation]
-        spec = config.puzzle
-        self.table = puzzle.permutation_table(spec.num_cubes, spec.num_permutations, spec.permutation_seed)
         torch.manual_seed(config.seed)
-        self.model = build_model(config).to(self.device)
+        self.model = self.task.build_model().to(self.device)
         if self.device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last_3d)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -270,7 +265,7 @@ class Pretraining:
             state = checkpoint.load_training_state(state_path, self.model, self.optimizer)
             self.step, self.best, self.history = state["step"], state.get("best", {}), state.get("history", [])
             self.reporter.log(f"resumed {self.run_dir.path} at step {self.step}")
-        self.val_puzzles = sampling.fixed_puzzles(self.val_cases, spec, self.table, config.val_puzzles, config.seed)
+        self.val_samples = sampling.fixed_samples(self.val_cases, self.task.sample, config.val_puzzles, config.seed)
         if self.distributed.is_main:
             write_json_atomic(self.run_dir.file(rundir.CONFIG), config.to_json())
 
@@ -278,8 +273,7 @@ class Pretraining:
         workers = self.config.workers
         if workers < 0:
             workers = 0 if self.device.type == "cpu" else min(4, os.cpu_count() or 1)
-        stream = sampling.PuzzleStream(self.train_cases, self.config.puzzle, self.table, self.config.seed,
-                                       self.distributed.rank, self.step)
+        stream = sampling.SampleStream(self.train_cases, self.task.sample, self.config.seed, self.distributed.rank, self.step)
         loader = torch.utils.data.DataLoader(stream, batch_size=self.config.batch_size, num_workers=workers,
                                              pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         return iter(loader)
@@ -304,9 +298,8 @@ class Pretraining:
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate_at(self.step, config)
                 batch = move_batch(next(batches), device)
-                cubes = batch["cubes"]
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    loss = rubik_loss(model(cubes), batch)
+                    loss = self.task.loss(self.task.forward(model, batch), batch)
                 if not torch.isfinite(loss):
                     raise RuntimeError(f"loss became {float(loss)} at step {self.step}; lower --learning-rate or use --precision fp32")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -323,17 +316,16 @@ class Pretraining:
 
     def _checkpoint(self, batches: Iterator[dict[str, torch.Tensor]], evaluate_now: bool) -> dict[str, float]:
         """Re-estimate BN statistics, evaluate, then (rank 0) write the training state and model files."""
-        recalibrate_batchnorm(self.model, batches, self.config.bn_recalibration_batches, self.device)
+        recalibrate_batchnorm(self.model, batches, self.config.bn_recalibration_batches, self.device, key=self.task.input_key)
         metrics = {}
         if evaluate_now:
-            metrics = evaluate(self.model, self.val_puzzles, self.device)
+            metrics = evaluate(self.model, self.val_samples, self.device, self.task)
             metrics["step"] = self.step
             self.history.append(metrics)
-            self.reporter.metric(self.step, **{k: round(v, 4) for k, v in metrics.items() if k != "step"},
-                                 chance_ordering=round(1 / self.config.puzzle.num_permutations, 4), chance_orientation=0.3333)
+            self.reporter.metric(self.step, **{k: round(v, 4) for k, v in metrics.items() if k != "step"}, **self.task.chance())
         if not self.distributed.is_main:
             return metrics
-        is_best = bool(metrics) and metrics["val_ordering_acc"] >= self.best.get("val_ordering_acc", -1.0)
+        is_best = bool(metrics) and self._better(metrics)
         if is_best:
             self.best = dict(metrics)
         if metrics:
@@ -348,13 +340,19 @@ class Pretraining:
             self.reporter.artifact(str(self.run_dir.file(rundir.BEST_MODEL)), "model")
         return metrics
 
+    def _better(self, metrics: dict[str, float]) -> bool:
+        key = self.task.primary_metric
+        if key not in self.best:
+            return True
+        return metrics[key] >= self.best[key] if self.task.higher_is_better else metrics[key] <= self.best[key]
+
     def _card(self, metrics: dict[str, float]) -> dict:
         return {
             "format": checkpoint.FORMAT,
             "task": self.config.task,
             "step": self.step,
             "config": self.config.to_json(),
-            "permutations": self.table.tolist(),
+            **self.task.card(),
             "normalisation": {
                 "intensity": self.config.to_json()["intensity"],
                 "spacing_mm": self.config.spacing_mm,
@@ -364,12 +362,14 @@ class Pretraining:
             "data": {"train": datasources.describe(self.train_sources), "validation": datasources.describe(self.val_sources)},
             "metrics": metrics,
             "best": self.best,
-            "chance": {"ordering": 1 / self.config.puzzle.num_permutations, "orientation": 1 / 3},
+            "chance": self.task.chance(),
+            "primary_metric": self.task.primary_metric,
+            "pretrains_decoder": self.task.has_decoder,
             "versions": versions(),
         }
 
 
-def load_pretrained(run_or_file: str | Path) -> tuple[RubikNet, dict]:
+def load_pretrained(run_or_file: str | Path) -> tuple[nn.Module, dict]:
     """The best model of a run folder (or a model file) with its card, ready for evaluation on CPU."""
     path = Path(run_or_file)
     if path.is_dir():

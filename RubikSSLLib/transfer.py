@@ -22,9 +22,11 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)
+    decoder: list[str] = field(default_factory=list)  # decoder tensors loaded too (restoration pretraining)
 
     def summary(self) -> str:
         text = f"loaded {len(self.loaded)} encoder tensors, missing {len(self.missing)}, unexpected {len(self.unexpected)}"
+        text += f"; and {len(self.decoder)} decoder tensors" if self.decoder else ""
         return text + (f"; input channels adapted in {', '.join(self.adapted)}" if self.adapted else "")
 
 
@@ -67,4 +69,17 @@ def load_encoder(network: nn.Module, run_or_file: str | Path) -> tuple[LoadRepor
         report.loaded.append(name)
     report.missing = [name for name in target if name not in pretrained]
     network.encoder.load_state_dict(target, strict=True)
+    if card.get("pretrains_decoder"):
+        report.decoder = load_decoder(network, state)
     return report, card
+
+
+def load_decoder(network: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
+    """Copy a restoration task's U-Net decoder into the same-named layers of `network` (a U-Net); the output
+    head is left random (its classes differ), and so is every layer the network does not share (a DUC decoder)."""
+    own = network.state_dict()
+    shared = {name: tensor for name, tensor in state.items()
+              if not name.startswith((ENCODER_PREFIX, "head.")) and name in own and own[name].shape == tensor.shape}
+    own.update(shared)
+    network.load_state_dict(own, strict=True)
+    return sorted(shared)

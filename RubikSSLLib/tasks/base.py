@@ -1,0 +1,83 @@
+"""What every pretext task provides, so that one training loop, one checkpoint format and one fine-tuning path
+serve them all. Every task trains the same `Encoder` module under the attribute `encoder` of its model."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from RubikSSLLib.errors import BadInput
+from RubikSSLLib.networks import Encoder
+from RubikSSLLib.sampling import Crop, CropShape, PreparedCase
+
+if TYPE_CHECKING:
+    from RubikSSLLib.config import PretrainConfig
+
+
+class PretextTask(ABC):
+    """One self-supervised task.
+
+    sample(case, rng, train) -> dict of tensors for one example (train=False: the deterministic variant used for
+    the fixed validation set); build_model() -> nn.Module with `.encoder`; loss(outputs, batch) -> scalar;
+    scores(outputs, batch) -> per-batch SUMS of per-example validation scores (the evaluator divides by the count).
+    """
+
+    name: ClassVar[str]
+    input_key: ClassVar[str] = "input"  # the batch entry the model reads (and BatchNorm re-estimation feeds)
+    primary_metric: ClassVar[str]  # picks the best checkpoint
+    higher_is_better: ClassVar[bool] = True
+    has_decoder: ClassVar[bool] = False  # a U-Net decoder is pretrained too (fine-tuning with --decoder unet loads it)
+
+    def __init__(self, config: PretrainConfig) -> None:
+        self.config = config
+
+    @property
+    def shape(self) -> CropShape:
+        return self.config.puzzle
+
+    @abstractmethod
+    def sample(self, case: PreparedCase, rng: np.random.Generator, train: bool) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def build_model(self) -> nn.Module: ...
+
+    def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
+        return model(batch[self.input_key])
+
+    @abstractmethod
+    def loss(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def scores(self, outputs, batch: dict[str, torch.Tensor]) -> dict[str, float]: ...
+
+    def summarise(self, averages: dict[str, float]) -> dict[str, float]:
+        """Validation metrics from the per-example averages of `scores` (a ratio of averages, say)."""
+        return averages
+
+    def chance(self) -> dict[str, float]:
+        """Scores of a trivial predictor, reported beside the validation scores."""
+        return {}
+
+    def card(self) -> dict:
+        """Extra model-card fields (a puzzle's permutation table, a restoration's recipe)."""
+        return {}
+
+    def encoder(self) -> Encoder:
+        return Encoder(self.config.encoder)
+
+
+def single_crop_shape(config: PretrainConfig) -> Crop:
+    """Crop of the tasks that work on one block (rotation, restoration): the 2x2x2 cube grid without gaps,
+    i.e. 2 x cube size per axis, rounded down to a multiple of the encoder's downsampling (a U-Net needs it)."""
+    factor = 2 ** len(config.encoder.widths)
+    size = tuple(max(factor, (2 * c) // factor * factor) for c in config.puzzle.cube_size)
+    return Crop(size, size)
+
+
+def check_cubic(size: tuple[int, int, int], task: str) -> None:
+    if len(set(size)) != 1:
+        raise BadInput(f"--task {task} needs a cubic crop (90-degree turns change the shape otherwise); give --cube-size N")

@@ -1,0 +1,51 @@
+"""Rubik's cube recovery (Zhuang et al., MICCAI 2019): order the 8 shuffled cubes (K-way) and tell which cubes were
+turned 180 degrees about which axis (two multi-label heads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from RubikSSLLib import puzzle, sampling
+from RubikSSLLib.networks import RubikNet, rubik_loss
+from RubikSSLLib.tasks.base import PretextTask
+
+
+class RubikTask(PretextTask):
+    name = "rubik"
+    input_key = "cubes"
+    primary_metric = "val_ordering_acc"
+    rotate = True
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        spec = config.puzzle
+        self.table = puzzle.permutation_table(spec.num_cubes, spec.num_permutations, spec.permutation_seed)
+
+    def sample(self, case: sampling.PreparedCase, rng: np.random.Generator, train: bool) -> dict[str, torch.Tensor]:
+        return sampling.to_sample(sampling.make_puzzle(case, self.config.puzzle, self.table, rng, train, rotate=self.rotate))
+
+    def build_model(self) -> nn.Module:
+        return RubikNet(self.encoder(), self.config.puzzle.num_cubes, self.config.puzzle.num_permutations,
+                        rotation_heads=self.rotate)
+
+    def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return rubik_loss(outputs, batch)
+
+    def scores(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        count = len(batch["order"])
+        scores = {"val_ordering_acc": float((outputs["order"].argmax(1) == batch["order"]).sum()),
+                  "val_loss": float(self.loss(outputs, batch)) * count}
+        if self.rotate:
+            predicted = puzzle.rotation_classes(torch.sigmoid(outputs["hor"]).cpu().numpy(),
+                                                torch.sigmoid(outputs["ver"]).cpu().numpy())
+            scores["val_orientation_acc"] = float((predicted == batch["rotations"].cpu().numpy()).mean(axis=1).sum())
+        return scores
+
+    def chance(self) -> dict[str, float]:
+        chance = {"chance_ordering": round(1 / self.config.puzzle.num_permutations, 4)}
+        return chance | ({"chance_orientation": 0.3333} if self.rotate else {})
+
+    def card(self) -> dict:
+        return {"permutations": self.table.tolist()}
