@@ -71,6 +71,7 @@ class RubikSSLParameterNode:
     puzzleSeed: Annotated[int, WithinRange(0, 1_000_000)] = 0
     pretrainFolder: Path = Path("")
     pretrainRun: Path = Path("")
+    pretrainTask: Annotated[str, Choice(["rubik", "jigsaw", "rotation", "mae", "genesis"])] = "rubik"
     cubeSize: Annotated[int, WithinRange(8, 128)] = 32
     numPermutations: Annotated[int, WithinRange(2, 1000)] = 100
     steps: Annotated[int, WithinRange(1, 10_000_000)] = 2000
@@ -392,7 +393,7 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
         data = [str(p.pretrainFolder)] if isSet(p.pretrainFolder) else []
         folder = self.workDirectory()
         data += [str(self.writeVolume(node, folder / f"{index:03d}.nrrd")) for index, node in enumerate(volumes)]
-        options = {"data": data, "out": str(p.pretrainRun), "steps": p.steps, "cube_size": p.cubeSize,
+        options = {"data": data, "out": str(p.pretrainRun), "task": p.pretrainTask, "steps": p.steps, "cube_size": p.cubeSize,
                    "permutations": p.numPermutations, "batch_size": p.batchSize, "device": p.device,
                    "skip_unusable": True, "resume": resume}
         self.start("pretrain", options, runDir=p.pretrainRun, device=p.device,
@@ -432,8 +433,12 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
         volume = self.writeVolume(p.inputVolume, folder / "input.nrrd")
         options = {"volume": str(volume), "out": str(folder / "puzzle"), "seed": p.puzzleSeed}
         # a model brings its own puzzle settings; without one, the panel's cube size and K apply
-        options.update({"model": str(p.pretrainRun)} if solve else {"cube_size": p.cubeSize, "permutations": p.numPermutations})
+        options.update({"model": str(p.pretrainRun)} if solve else
+                       {"cube_size": p.cubeSize, "permutations": p.numPermutations, "task": p.pretrainTask})
         inputNode = p.inputVolume
+        if not solve and p.pretrainTask not in ("rubik", "jigsaw"):  # single-crop tasks: show input and target
+            self.start("puzzle", options, onFinished=lambda state: self.loadTaskSample(folder / "puzzle", inputNode))
+            return
         self.start("puzzle", options, onFinished=lambda state: self.loadPuzzle(folder / "puzzle", inputNode))
 
     # --- files to nodes ---
@@ -492,6 +497,18 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
         return _("Network: order {order}, {placed}/8 cubes placed, {oriented}/8 oriented correctly.").format(
             order=_("correct") if prediction["order_correct"] else _("wrong"),
             placed=sum(prediction["cube_placed_correctly"]), oriented=sum(prediction["cube_oriented_correctly"]))
+
+    def loadTaskSample(self, folder: Path, inputNode) -> str:
+        """A rotation / restoration task's network input and target, beside the input volume."""
+        sample = json.loads((folder / "sample.json").read_text(encoding="utf-8"))
+        name = f"{inputNode.GetName()} {sample['task']}"
+        shown = slicer.util.loadVolume(str(folder / "input.nrrd"), {"name": f"{name} input"})
+        target = slicer.util.loadVolume(str(folder / "target.nrrd"), {"name": f"{name} target"})
+        for node in (shown, target):
+            self.placeUnder(node, inputNode)
+        slicer.util.setSliceViewerLayers(background=shown, foreground=target, foregroundOpacity=0.0)
+        return _("{task}: network input and its target loaded (fade between them with the slice view's opacity slider)").format(
+            task=sample["task"])
 
     def nameCubes(self, cubes, puzzle: dict) -> None:
         """Segment of label L = original cube L - 1. With a model's answer: green if the network placed and oriented

@@ -99,6 +99,12 @@ def test_every_parameter_binding_names_a_field_with_a_compatible_widget() -> Non
             assert "Choice(" in fields[name], f"{name}: a combo box needs a Choice annotation"
 
 
+def test_the_panels_task_list_is_the_librarys() -> None:
+    from RubikSSLLib import tasks
+
+    assert re.findall(r"""['"](\w+)['"]""", parameter_fields()["pretrainTask"]) == tasks.names()
+
+
 def test_node_combo_boxes_have_the_scene_and_valid_node_types() -> None:
     root = ET.parse(UI).getroot()
     connected = {(c.findtext("receiver"), c.findtext("signal"), c.findtext("slot")) for c in root.iter("connection")
@@ -253,16 +259,18 @@ def test_every_command_the_logic_builds_is_accepted_by_the_cli(slicer_module, tm
     params.__dict__.update(puzzleSeed=3, pretrainFolder=tmp_path, pretrainRun=tmp_path / "pre", cubeSize=16,
                            numPermutations=50, steps=10, batchSize=2, device="cpu", finetuneTask="segment",
                            labelledData=tmp_path / "datalist.json", fromScratch=False, decoder="duc", epochs=2,
-                           labelFraction=0.5, finetuneRun=tmp_path / "ft", modelRun=tmp_path / "ft",
+                           labelFraction=0.5, finetuneRun=tmp_path / "ft", modelRun=tmp_path / "ft", pretrainTask="mae",
                            inputVolume=types.SimpleNamespace(GetName=lambda: "case"), roi=None)
     logic.startPretraining(params, volumes=[object()], resume=True)
     logic.startFinetuning(params, resume=False)
     logic.startPuzzle(params, solve=True)
+    logic.startPuzzle(params, solve=False)
     (tmp_path / "ft").mkdir()
     for task in ("segment", "classify"):
         (tmp_path / "ft" / "model.json").write_text(json.dumps({"task": task}))
         logic.startInference(params)
-    assert [c for c, _ in started] == ["pretrain", "finetune", "puzzle", "segment", "classify"]
+    assert [c for c, _ in started] == ["pretrain", "finetune", "puzzle", "puzzle", "segment", "classify"]
+    assert started[3][1]["task"] == "mae" and started[0][1]["task"] == "mae"
     for command, options in started:
         accepted_by_the_cli(command, options)
     pretrain_options = started[0][1]
