@@ -36,7 +36,7 @@ if (_SOURCE_TREE / "RubikSSLLib").is_dir() and str(_SOURCE_TREE) not in sys.path
     sys.path.insert(0, str(_SOURCE_TREE))
 
 # Light parts of the library only (stdlib, numpy, SimpleITK: all bundled with Slicer).
-from RubikSSLLib import jobs, slicergeometry  # noqa: E402
+from RubikSSLLib import jobs, slicergeometry, tasks  # noqa: E402
 
 POLL_INTERVAL_MS = 200
 
@@ -71,7 +71,7 @@ class RubikSSLParameterNode:
     puzzleSeed: Annotated[int, WithinRange(0, 1_000_000)] = 0
     pretrainFolder: Path = Path("")
     pretrainRun: Path = Path("")
-    pretrainTask: Annotated[str, Choice(["rubik", "jigsaw", "rotation", "mae", "genesis"])] = "rubik"
+    pretrainTask: Annotated[str, Choice(["rubik", "rubik+", "rubik++", "jigsaw", "rotation", "rpl", "exemplar", "cpc", "mae", "genesis"])] = "rubik"
     cubeSize: Annotated[int, WithinRange(8, 128)] = 32
     numPermutations: Annotated[int, WithinRange(2, 1000)] = 100
     steps: Annotated[int, WithinRange(1, 10_000_000)] = 2000
@@ -436,7 +436,7 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
         options.update({"model": str(p.pretrainRun)} if solve else
                        {"cube_size": p.cubeSize, "permutations": p.numPermutations, "task": p.pretrainTask})
         inputNode = p.inputVolume
-        if not solve and p.pretrainTask not in ("rubik", "jigsaw"):  # single-crop tasks: show input and target
+        if not solve and p.pretrainTask not in tasks.PUZZLE_TASKS:  # other tasks: show their input and target
             self.start("puzzle", options, onFinished=lambda state: self.loadTaskSample(folder / "puzzle", inputNode))
             return
         self.start("puzzle", options, onFinished=lambda state: self.loadPuzzle(folder / "puzzle", inputNode))

@@ -15,7 +15,7 @@ from RubikSSLLib.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EX
 from RubikSSLLib.progress import MODES, Reporter
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
-TASKS = ("rubik", "jigsaw", "rotation", "mae", "genesis")  # RubikSSLLib.tasks.REGISTRY (a test keeps them equal)
+TASKS = ("rubik", "rubik+", "rubik++", "jigsaw", "rotation", "rpl", "exemplar", "cpc", "mae", "genesis")  # RubikSSLLib.tasks.REGISTRY (a test keeps them equal)
 DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder on a pretext task (default: Rubik's cube)")
     pretrain.add_argument("--task", choices=TASKS, default="rubik",
-                          help="pretext task: rubik, jigsaw (--grid 2|3), rotation, mae, genesis (default rubik)")
+                          help="pretext task (default rubik); jigsaw takes --grid 2|3; see the README's table")
     pretrain.add_argument("--data", nargs="+", required=True, help="volume files, folders, datalist .json, nnU-Net folder, .npz")
     pretrain.add_argument("--out", required=True, help="run folder (checkpoints, model, metrics)")
     pretrain.add_argument("--steps", type=int, default=2000)
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     puzzle.add_argument("--out", required=True, help="output folder")
     puzzle.add_argument("--model", help="a pretraining run folder: also record its solution")
     puzzle.add_argument("--task", choices=TASKS, default="rubik",
-                        help="show this pretext task's input and target instead (rotation, mae, genesis)")
+                        help="show this pretext task's sample (tasks other than rubik, rubik+, jigsaw: input and target volumes)")
     puzzle.add_argument("--seed", type=int, default=0)
     puzzle.add_argument("--progress", choices=MODES, default="bar")
     add_data_options(puzzle)
@@ -184,7 +184,7 @@ def run_pretrain(args: argparse.Namespace, reporter: Reporter) -> int:
 def run_puzzle(args: argparse.Namespace, reporter: Reporter) -> int:
     import numpy as np
 
-    from RubikSSLLib import puzzle, puzzleview, training
+    from RubikSSLLib import puzzle, puzzleview, tasks, training
     from RubikSSLLib.config import PretrainConfig
 
     model = None
@@ -196,7 +196,7 @@ def run_puzzle(args: argparse.Namespace, reporter: Reporter) -> int:
         table = np.array(card["permutations"], dtype=np.int64)
     else:
         config = PretrainConfig(data=list(args.volume), out=args.out, task=args.task, **data_settings(args))
-        if config.task not in ("rubik", "jigsaw"):
+        if config.task not in tasks.PUZZLE_TASKS:
             record = puzzleview.write_task_sample(list(args.volume), Path(args.out), config, args.seed)
             for kind, name in puzzleview.TASK_OUTPUTS.items():
                 if (Path(args.out) / name).exists():

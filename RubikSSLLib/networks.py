@@ -94,7 +94,7 @@ class RubikNet(nn.Module):
     deeper rotation heads collapsed in the Medical-SSL ablation)."""
 
     def __init__(self, encoder: Encoder, num_cubes: int, num_permutations: int, code_size: int = 64,
-                 rotation_heads: bool = True) -> None:
+                 rotation_heads: bool = True, mask_head: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.num_cubes = num_cubes
@@ -104,9 +104,11 @@ class RubikNet(nn.Module):
         if rotation_heads:  # a plain jigsaw has none (unused parameters would stall DistributedDataParallel)
             self.hor_head = mlp([joint, 1024, num_cubes])
             self.ver_head = mlp([joint, 1024, num_cubes])
+        if mask_head:  # Rubik's cube+: which cubes were masked
+            self.mask_head = mlp([joint, 1024, num_cubes])
 
     def forward(self, cubes: torch.Tensor) -> dict[str, torch.Tensor]:
-        """cubes: (B, M, C, cz, cy, cx) -> logits: order (B, K), hor (B, M), ver (B, M)."""
+        """cubes: (B, M, C, cz, cy, cx) -> logits: order (B, K), hor (B, M), ver (B, M), mask (B, M) if built."""
         batch, cubes_per_puzzle = cubes.shape[:2]
         features = self.encoder(cubes.flatten(0, 1))[-1]
         codes = self.project(features.mean(dim=(2, 3, 4)).float())
@@ -114,6 +116,8 @@ class RubikNet(nn.Module):
         logits = {"order": self.order_head(joint)}
         if hasattr(self, "hor_head"):
             logits.update(hor=self.hor_head(joint), ver=self.ver_head(joint))
+        if hasattr(self, "mask_head"):
+            logits["mask"] = self.mask_head(joint)
         return logits
 
 

@@ -90,8 +90,9 @@ TASK_OUTPUTS = {"input": "input.nrrd", "target": "target.nrrd", "weight": "weigh
 
 
 def write_task_sample(volumes: list[str], out: Path, config: PretrainConfig, seed: int) -> dict:
-    """For the single-crop tasks (rotation, mae, genesis): the network's input and its target as volumes in the
-    crop's place, the loss weight (restoration), a montage and sample.json. Returns sample.json's content."""
+    """For the tasks without a cube-grid viewer: the network's input and its target as volumes in the crop's place
+    (the task's `views`), the loss weight of restoration tasks, a montage and sample.json. The sample is a training
+    sample (random gaps, disturbed patches), as the network sees it. Returns sample.json's content."""
     from RubikSSLLib import tasks
 
     task = tasks.create(config)
@@ -101,22 +102,18 @@ def write_task_sample(volumes: list[str], out: Path, config: PretrainConfig, see
     rng = np.random.default_rng(seed)
     # the task's sample() draws its crop corner first: the same draw on a copy of the Generator gives its place
     start = sampling.crop_start(case, task.shape.crop_size, np.random.default_rng(seed))
-    sample = {k: v.numpy() for k, v in task.sample(case, rng, False).items()}
+    sample = {k: v.numpy() for k, v in task.sample(case, rng, True).items()}
+    size = task.shape.crop_size
+    z, y, x = start
+    original = case.mapping.apply(case.array[:, z:z + size[0], y:y + size[1], x:x + size[2]]) * 2 - 1
+    views = task.views(sample, original, start)
     record: dict = {"task": config.task, "volumes": volumes, "seed": seed, "crop_start_zyx": start.tolist(),
-                    "crop_size_zyx": list(task.shape.crop_size)}
-    views = {"input": sample["input"]}
-    if "label" in sample:  # rotation: the target is the crop before the turn
-        record["rotation_class"] = int(sample["label"])
-        z, y, x = start
-        size = task.shape.crop_size
-        views["target"] = case.mapping.apply(case.array[:, z:z + size[0], y:y + size[1], x:x + size[2]]) * 2 - 1
-    else:
-        views["target"], views["weight"] = sample["target"], sample["weight"]
+                    "crop_size_zyx": list(size)} | task.describe(sample)
     geometry = case.geometry.shifted(tuple(start))
     out.mkdir(parents=True, exist_ok=True)
     for name, view in views.items():
         write_volume(out / TASK_OUTPUTS[name], view.astype(np.float32), geometry)
-    centre = tuple(s // 2 for s in task.shape.crop_size)
+    centre = tuple(s // 2 for s in size)
     visualize.write_png(out / TASK_OUTPUTS["montage"], visualize.montage([views["input"][0], views["target"][0]], centre))
     write_json_atomic(out / TASK_OUTPUTS["sample"], record)
     return record

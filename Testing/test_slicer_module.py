@@ -102,7 +102,7 @@ def test_every_parameter_binding_names_a_field_with_a_compatible_widget() -> Non
 def test_the_panels_task_list_is_the_librarys() -> None:
     from RubikSSLLib import tasks
 
-    assert re.findall(r"""['"](\w+)['"]""", parameter_fields()["pretrainTask"]) == tasks.names()
+    assert re.findall(r"""['"]([\w+]+)['"]""", parameter_fields()["pretrainTask"]) == tasks.names()
 
 
 def test_node_combo_boxes_have_the_scene_and_valid_node_types() -> None:

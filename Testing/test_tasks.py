@@ -18,9 +18,12 @@ from RubikSSLLib.models import UNet
 from RubikSSLLib.networks import Encoder, EncoderConfig
 from RubikSSLLib.progress import Reporter
 from RubikSSLLib.puzzle import PuzzleSpec
+from RubikSSLLib.tasks import cpc, exemplar, rpl
 from RubikSSLLib.tasks.genesis import GenesisTask
 from RubikSSLLib.tasks.mae import MASK_RATIO, MAETask, block_mask
 from RubikSSLLib.tasks.rotation import rotated_views
+from RubikSSLLib.tasks.rubikplus import mask_cubes
+from RubikSSLLib.tasks.rubikrestore import RubikRestorationTask
 from RubikSSLLib.volumes import Geometry
 
 SMALL_ENCODER = EncoderConfig(1, (8, 16, 32), (1, 2, 2))
@@ -104,22 +107,109 @@ def test_genesis_corruption_is_seeded_and_the_target_is_the_untouched_crop(tmp_p
     assert sum(not torch.equal(c["input"], c["target"]) for c in corrupted) >= 6  # nearly always corrupted
 
 
-# (task, metric, chance, steps): short runs on real AdrenalMNIST3D volumes must beat a trivial predictor
-LEARNING = [("rotation", "val_rotation_acc", 0.1, 400), ("jigsaw", "val_ordering_acc", 0.1, 150),
-            ("mae", "val_restoration_gain", 0.0, 60), ("genesis", "val_restoration_gain", 0.0, 60)]
+def test_rubik_plus_masks_exactly_the_cubes_it_labels() -> None:
+    cubes = np.random.default_rng(0).uniform(0.1, 1, (8, 2, 6, 6, 6)).astype(np.float32)  # no zeros before masking
+    seen = np.zeros(8)
+    for seed in range(20):
+        masked, labels = mask_cubes(cubes, np.random.default_rng(seed))
+        changed = (masked != cubes).any(axis=(1, 2, 3, 4))
+        np.testing.assert_array_equal(changed, labels.astype(bool))
+        assert ((masked == 0) | (masked == cubes)).all()  # masking only zeroes voxels
+        assert (masked[labels.astype(bool)][:, 0] == masked[labels.astype(bool)][:, 1]).sum() > 0  # channels share a mask
+        seen += labels
+    assert 0.3 < seen.mean() / 20 < 0.7
 
 
-@pytest.mark.parametrize("task, metric, chance, steps", LEARNING, ids=[t[0] for t in LEARNING])
+def test_rubik_restoration_input_unscrambles_to_its_untouched_target(tmp_path: Path) -> None:
+    task = RubikRestorationTask(config_for("rubik++", tmp_path))
+    case = synthetic_case()
+    sample = task.sample(case, np.random.default_rng(4), train=True)
+    target = sample["target"].numpy()
+    np.testing.assert_array_equal(target, sampling.crop(case, task.shape.crop_size, np.random.default_rng(4)))
+    assert sample["weight"].all()
+    rng = np.random.default_rng(11)
+    scrambled, index, rotations = task.scramble(target, rng)
+    half = tuple(s // 2 for s in target.shape[1:])
+    corners = np.stack(np.unravel_index(np.arange(8), (2, 2, 2)), axis=1) * np.array(half)
+    slots = puzzle.extract_cubes(scrambled, corners, half)
+    np.testing.assert_array_equal(puzzle.assemble(puzzle.recover(slots, task.table[index], rotations), corners,
+                                                  target.shape[1:]), target)
+
+
+def test_rpl_label_names_the_neighbours_grid_position() -> None:
+    offsets = {rpl.neighbour_offset(label) for label in range(rpl.NUM_POSITIONS)}
+    assert len(offsets) == 26 and (0, 0, 0) not in offsets and all(set(o) <= {-1, 0, 1} for o in offsets)
+    spec = PuzzleSpec(grid=3, cube_size=(6, 6, 6), jitter=(0, 0, 0))
+    task = rpl.RPLTask(PretrainConfig(data=["x"], out="y", task="rpl", puzzle=spec, encoder=EncoderConfig(1, (4,), (1,))))
+    case = synthetic_case(size=18)  # exactly the 3x3x3 grid without gaps: crop corner (0, 0, 0)
+    for seed in range(30):
+        sample = task.sample(case, np.random.default_rng(seed), train=False)
+        offset = np.array(rpl.neighbour_offset(int(sample["label"])))
+        corner = (1 + offset) * 6
+        expected = case.array[:, corner[0]:corner[0] + 6, corner[1]:corner[1] + 6, corner[2]:corner[2] + 6]
+        np.testing.assert_allclose(sample["cubes"][1].numpy(), puzzle.normalise_cubes(expected[None].copy(), 0, 1)[0])
+        np.testing.assert_array_equal(sample["corners"][1].numpy(), corner)
+
+
+def test_exemplar_negatives_are_other_examples_and_views_are_seeded() -> None:
+    codes = torch.eye(4)
+    positive, negative = exemplar.triplet_terms(codes, codes)
+    assert torch.equal(positive, torch.zeros(4)) and (negative > 0).all()  # never its own view
+    crop = np.random.default_rng(0).uniform(-1, 1, (1, 8, 8, 8)).astype(np.float32)
+    first, again = exemplar.augment(crop, np.random.default_rng(2)), exemplar.augment(crop, np.random.default_rng(2))
+    np.testing.assert_array_equal(first, again)
+    assert first.shape == crop.shape and first.min() >= -1 and first.max() <= 1
+
+
+def test_cpc_negatives_exclude_the_positive_and_context_sees_only_upper_rows() -> None:
+    targets = torch.eye(32)
+    loss, correct = cpc.info_nce(targets * 5, targets)
+    assert correct.all() and float(loss) < 0.01  # cosine 1 vs 0 at temperature 0.1; were the positive also a negative, the loss would be >= log 2
+    crop = np.random.default_rng(0).random((2, 16, 20, 24)).astype(np.float32)
+    np.testing.assert_array_equal(cpc.join_patches(cpc.split_patches(crop)), crop)
+    network = cpc.CPCNet(Encoder(EncoderConfig(1, (4, 8), (1, 1)))).eval()
+    patches = torch.randn(2, 64, 1, 4, 4, 4)
+    changed = patches.clone()
+    changed.view(2, 4, 4, 4, 1, 4, 4, 4)[:, cpc.CONTEXT_ROWS:] += 1  # only the rows to predict
+    with torch.no_grad():
+        before, after = network(patches), network(changed)
+    assert torch.equal(before["predicted"], after["predicted"])
+    assert not torch.equal(before["target"], after["target"])
+
+
+# (task, metric, chance, steps, data): short runs on real volumes must beat a trivial predictor. AdrenalMNIST3D
+# (binary masks, mostly empty) leaves the patch tasks nothing to tell apart, so they learn on the bundled MRI.
+LEARNING = [("rotation", "val_rotation_acc", 0.1, 400, "adrenal"), ("jigsaw", "val_ordering_acc", 0.1, 150, "adrenal"),
+            ("mae", "val_restoration_gain", 0.0, 60, "adrenal"), ("genesis", "val_restoration_gain", 0.0, 60, "adrenal"),
+            ("rubik+", "val_masking_acc", 0.5, 100, "adrenal"), ("rubik++", "val_restoration_gain", 0.0, 150, "adrenal"),
+            ("exemplar", "val_triplet_acc", 0.5, 100, "adrenal"), ("rpl", "val_position_acc", 1 / 26, 1500, "mri")]
+
+
+def learning_config(task: str, tmp_path: Path, steps: int, data: str, adrenal: Path, **extra) -> PretrainConfig:
+    where = {"data": [str(adrenal)]} if data == "adrenal" else {"data": [str(p) for p in sorted(cli.SAMPLE_DATA.glob("*.nii.gz"))],
+                                                                 "spacing_mm": 3.0}
+    return config_for(task, tmp_path, steps=steps, eval_every=steps, **where, **extra)
+
+
+@pytest.mark.parametrize("task, metric, chance, steps, data", LEARNING, ids=[t[0] for t in LEARNING])
 def test_each_task_learns_on_real_data(small_adrenal: Path, tmp_path: Path, task: str, metric: str, chance: float,
-                                       steps: int) -> None:
+                                       steps: int, data: str) -> None:
     extra = {"puzzle": PuzzleSpec(cube_size=(12, 12, 12), jitter=(2, 2, 2), num_permutations=10)} if task == "jigsaw" else {}
-    config = config_for(task, tmp_path, steps=steps, eval_every=steps, data=[str(small_adrenal)], **extra)
+    config = learning_config(task, tmp_path, steps, data, small_adrenal, **extra)
     metrics = training.Pretraining(config, Reporter("none")).run()
     assert metrics[metric] > chance + 0.1, metrics
     card = json.loads((tmp_path / task / "model.json").read_text())
-    assert card["task"] == task and card["primary_metric"] == metric
+    assert card["task"] == task and card["primary_metric"] in metrics
     model, _ = training.load_pretrained(tmp_path / task)
     assert isinstance(model.encoder, Encoder)
+
+
+def test_cpc_predicts_patch_codes_better_than_chance_on_real_mri(small_adrenal: Path, tmp_path: Path) -> None:
+    """Top-1 among the 512 codes of a validation batch stays low after a short run; the InfoNCE loss shows the
+    learning: below log(512), the loss of a predictor that cannot tell the candidates apart."""
+    metrics = training.Pretraining(learning_config("cpc", tmp_path, 400, "mri", small_adrenal), Reporter("none")).run()
+    assert metrics["val_loss"] < np.log(512) - 0.15, metrics
+    assert metrics["val_cpc_acc"] > 1 / 512, metrics
 
 
 def test_restoration_pretraining_hands_its_decoder_to_the_unet(small_adrenal: Path, tmp_path: Path) -> None:
@@ -134,12 +224,12 @@ def test_restoration_pretraining_hands_its_decoder_to_the_unet(small_adrenal: Pa
         assert torch.equal(mine[name], theirs[name]), name
 
 
-@pytest.mark.parametrize("task", ["rotation", "mae", "genesis"])
+@pytest.mark.parametrize("task", [t for t in cli.TASKS if t not in tasks.PUZZLE_TASKS])
 def test_puzzle_task_writes_input_and_target_volumes(tmp_path: Path, task: str) -> None:
     import SimpleITK as sitk
 
     result = rubikssl("puzzle", "--task", task, "--volume", str(shared("pretrain/niivue_M2208_T2w.nii.gz")),
-                      "--out", str(tmp_path), "--progress", "json")
+                      "--out", str(tmp_path), "--progress", "json", "--cube-size", "24")
     assert result.returncode == 0, result.stderr
     record = json.loads((tmp_path / "sample.json").read_text())
     size = tuple(record["crop_size_zyx"])
@@ -148,3 +238,14 @@ def test_puzzle_task_writes_input_and_target_volumes(tmp_path: Path, task: str) 
     assert not np.array_equal(volumes["input"], volumes["target"]) or record.get("rotation_class") == 0
     if task == "rotation":
         np.testing.assert_array_equal(volumes["input"][None], rotated_views(volumes["target"][None])[record["rotation_class"]])
+    if task == "rpl":
+        assert tuple(record["neighbour_offset_zyx"]) == rpl.neighbour_offset(record["position_class"])
+
+
+def test_a_volume_too_small_for_the_3x3x3_grid_is_refused_with_the_minimum(tmp_path: Path) -> None:
+    result = rubikssl("puzzle", "--task", "rpl", "--volume", str(shared("pretrain/niivue_M2208_T2w.nii.gz")),
+                      "--out", str(tmp_path), "--progress", "json", "--cube-size", "64")
+    assert result.returncode == 2
+    message = result.stderr.strip().splitlines()[-1]
+    assert "needs at least 192x192x192" in message and "--cube-size" in message, message
+    assert not (tmp_path / "sample.json").exists()

@@ -13,11 +13,19 @@ if TYPE_CHECKING:
 # name -> "module:Class", imported on use so `--help` and the Slicer panel stay light
 REGISTRY = {
     "rubik": "rubik:RubikTask",
+    "rubik+": "rubikplus:RubikPlusTask",
+    "rubik++": "rubikrestore:RubikRestorationTask",
     "jigsaw": "jigsaw:JigsawTask",
     "rotation": "rotation:RotationTask",
+    "rpl": "rpl:RPLTask",
+    "exemplar": "exemplar:ExemplarTask",
+    "cpc": "cpc:CPCTask",
     "mae": "mae:MAETask",
     "genesis": "genesis:GenesisTask",
 }
+# Tasks whose sample is a scrambled cube grid with a permutation table: the puzzle viewer shows and solves them;
+# the others show their input and target as volumes.
+PUZZLE_TASKS = ("rubik", "rubik+", "jigsaw")
 
 
 def names() -> list[str]:

@@ -66,6 +66,17 @@ class PretextTask(ABC):
         """Extra model-card fields (a puzzle's permutation table, a restoration's recipe)."""
         return {}
 
+    def views(self, sample: dict[str, np.ndarray], original: np.ndarray, start: np.ndarray) -> dict[str, np.ndarray]:
+        """For the viewer (`rubikssl puzzle --task`): (C, *crop_size) volumes in the crop's place, at least "input"
+        (what the network reads) and "target" (what it must give back, or the untouched crop `original`).
+        start: (z, y, x) corner of the crop in the case, for samples that carry case coordinates."""
+        views = {"input": sample["input"], "target": sample.get("target", original)}
+        return views | ({"weight": sample["weight"]} if "weight" in sample else {})
+
+    def describe(self, sample: dict[str, np.ndarray]) -> dict:
+        """The sample's label in words and numbers for sample.json (a rotation class, a neighbour position)."""
+        return {}
+
     def encoder(self) -> Encoder:
         return Encoder(self.config.encoder)
 

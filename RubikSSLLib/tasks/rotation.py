@@ -49,5 +49,8 @@ class RotationTask(PretextTask):
         return {"val_rotation_acc": float((outputs.argmax(1) == batch["label"]).sum()),
                 "val_loss": float(self.loss(outputs, batch)) * len(batch["label"])}
 
+    def describe(self, sample: dict[str, np.ndarray]) -> dict:
+        return {"rotation_class": int(sample["label"])}
+
     def chance(self) -> dict[str, float]:
         return {"chance_rotation": round(1 / NUM_ROTATIONS, 4)}

@@ -1,0 +1,98 @@
+"""Which pretext task transfers? Prints a Markdown table. Not a test: it takes hours on a CPU.
+
+    python Testing/Benchmarks/bench_pretext_transfer.py --out bench-pretext [--tasks rubik,mae] [--seeds 5]
+
+Every task pretrains the same encoder with the same budget (steps x batch) on the AdrenalMNIST3D training images
+without their labels (no extra data, as in the paper), then each pretrained encoder and a random one are fine-tuned
+on the same seeded 10% label subset per seed (paired seeds). A fine-tune's score is the mean of its last epochs.
+Runs go through the `rubikssl` command line, one thread each; finished runs are reused, so it resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from RubikSSLLib import evaluate, rundir  # noqa: E402
+
+NPZ = REPO.parent / "shared/data/cls/adrenalmnist3d_64_trainval.npz"
+
+
+def rubikssl(*arguments: str) -> None:
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "RubikSSLLib", *arguments, "--progress", "none"], check=True, env=environment,
+                   cwd=REPO)
+
+
+def pretrain(task: str, cube_size: int, out: Path, args: argparse.Namespace) -> dict:
+    run = out / f"pretrain_{task}"
+    if not (run / "model.json").exists():
+        rubikssl("pretrain", "--task", task, "--data", str(NPZ), "--out", str(run), "--steps", str(args.steps),
+                 "--batch-size", str(args.batch_size), "--cube-size", str(cube_size), "--spacing", "native",
+                 "--eval-every", str(args.steps // 4), "--val-puzzles", "64", *(["--resume"] if run.exists() else []))
+    history = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
+    return {key: value for key, value in history[-1].items() if key.startswith("val_")}
+
+
+def finetune(init: str, name: str, seed: int, out: Path, args: argparse.Namespace) -> dict[str, float]:
+    run = out / "finetune" / f"{name}_seed{seed}"
+    metrics = run / rundir.METRICS
+    if not metrics.exists() or len(metrics.read_text().splitlines()) < args.epochs:
+        rubikssl("finetune", "--task", "classify", "--train", str(NPZ), "--val", str(NPZ), "--out", str(run),
+                 "--init", init, "--label-fraction", str(args.fraction), "--epochs", str(args.epochs),
+                 "--seed", str(seed), *(["--resume"] if run.exists() else []))
+    history = [json.loads(line) for line in metrics.read_text().splitlines()][-args.last_epochs:]
+    return {key: float(np.mean([h[key] for h in history])) for key in ("val_auc", "val_acc")}
+
+
+def spread(values: list[float]) -> str:
+    return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tasks", default="rubik,rubik+,rubik++,jigsaw,rotation,rpl:20,exemplar,cpc,mae,genesis",
+                        help="names, each optionally with its own cube size as name:N (rpl's 3x3x3 grid needs <= 21)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--cube-size", type=int, default=28, help="fits a 2x2x2 grid with gaps in 64^3")
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--last-epochs", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
+    args = parser.parse_args()
+    seeds = range(args.seeds)
+    scratch = [finetune("scratch", "scratch", seed, args.out, args) for seed in seeds]
+    rows = [f"| scratch | – | {spread([s['val_auc'] for s in scratch])} | {spread([s['val_acc'] for s in scratch])} | – | – |"]
+    for entry in args.tasks.split(","):
+        task, _, cube_size = entry.partition(":")
+        pretext = pretrain(task, int(cube_size or args.cube_size), args.out, args)
+        scores = [finetune(str(args.out / f"pretrain_{task}"), task, seed, args.out, args) for seed in seeds]
+        summary = evaluate.summarise({"f": {"scratch": [s["val_auc"] for s in scratch],
+                                            "pretrained": [s["val_auc"] for s in scores]}})["f"]
+        pretext_text = ", ".join(f"{k[4:]} {v:.3f}" for k, v in pretext.items())
+        rows.append(f"| {task} | {pretext_text} | {spread([s['val_auc'] for s in scores])} | "
+                    f"{spread([s['val_acc'] for s in scores])} | "
+                    f"{summary['difference_mean']:+.3f} ± {summary['difference_sd']:.3f} | "
+                    f"{summary['seeds_improved']}/{summary['seeds']} |")
+        print(f"finished {task}", flush=True)
+    table = [f"AdrenalMNIST3D val (98 volumes), {args.fraction:g} of the labels, {args.epochs} epochs, mean of the last "
+             f"{args.last_epochs}; pretraining {args.steps} steps x {args.batch_size}; mean ± sd over {args.seeds} paired seeds",
+             "", "| init | pretext metric (held-out) | AUC | ACC | AUC - scratch (paired) | seeds improved |",
+             "|---|---|---|---|---|---|", *rows]
+    (args.out / "results.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
