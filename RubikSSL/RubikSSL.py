@@ -499,7 +499,7 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
             placed=sum(prediction["cube_placed_correctly"]), oriented=sum(prediction["cube_oriented_correctly"]))
 
     def loadTaskSample(self, folder: Path, inputNode) -> str:
-        """A rotation / restoration task's network input and target, beside the input volume."""
+        """A pretext task's network input and target (rotation, rpl, exemplar, cpc, restorations), beside the input."""
         sample = json.loads((folder / "sample.json").read_text(encoding="utf-8"))
         name = f"{inputNode.GetName()} {sample['task']}"
         shown = slicer.util.loadVolume(str(folder / "input.nrrd"), {"name": f"{name} input"})
