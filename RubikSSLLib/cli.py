@@ -30,6 +30,16 @@ def voxel_triple(text: str) -> tuple[int, int, int]:
     return tuple(values * 3 if len(values) == 1 else values)
 
 
+def task_spec(text: str) -> str:
+    from RubikSSLLib import tasks
+
+    try:
+        tasks.parse(text)
+    except BadInput as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def spacing(text: str) -> float | None:
     return None if text.lower() in ("native", "none", "0") else float(text)
 
@@ -50,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder on a pretext task (default: Rubik's cube)")
-    pretrain.add_argument("--task", choices=TASKS, default="rubik",
-                          help="pretext task (default rubik); jigsaw takes --grid 2|3; see the README's table")
+    pretrain.add_argument("--task", type=task_spec, default="rubik", metavar="TASK[,TASK...]",
+                          help=f"pretext task: {', '.join(TASKS)} (default rubik), or several on one encoder as "
+                               "rubik,mae or with loss weights rubik=1,mae=0.5; jigsaw takes --grid 2|3")
     pretrain.add_argument("--data", nargs="+", required=True, help="volume files, folders, datalist .json, nnU-Net folder, .npz")
     pretrain.add_argument("--out", required=True, help="run folder (checkpoints, model, metrics)")
     pretrain.add_argument("--steps", type=int, default=2000)

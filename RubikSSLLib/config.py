@@ -63,8 +63,7 @@ class PretrainConfig:
             raise BadInput(f"--precision {self.precision}: use auto, fp32, bf16 or fp16")
         from RubikSSLLib import tasks
 
-        if self.task not in tasks.names():
-            raise BadInput(f"--task {self.task}: unknown pretext task; choose one of {', '.join(tasks.names())}")
+        tasks.parse(self.task)  # refuses unknown names and bad weights
         smallest = 2 ** len(self.encoder.widths)  # the stem and every later stage halve the cube
         if min(self.puzzle.cube_size) < smallest:
             raise BadInput(f"--cube-size {min(self.puzzle.cube_size)} is too small for a {len(self.encoder.widths)}-stage "

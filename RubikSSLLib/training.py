@@ -8,7 +8,7 @@ import os
 import platform
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +139,8 @@ def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 @torch.no_grad()
 def recalibrate_batchnorm(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], count: int,
-                          device: torch.device, key: str = "cubes") -> None:
+                          device: torch.device, key: str = "cubes",
+                          forward: Callable[[dict[str, torch.Tensor]], object] | None = None) -> None:
     """Re-estimate BatchNorm running statistics as a plain average over `count` training batches.
 
     Running statistics trail fast-moving weights under Adam; evaluating with stale ones made a prototype's
@@ -154,7 +155,11 @@ def recalibrate_batchnorm(model: nn.Module, batches: Iterator[dict[str, torch.Te
     was_training = model.training
     model.train()
     for _ in range(count):
-        model(next(batches)[key].to(device, non_blocking=True))
+        batch = move_batch(next(batches), device)
+        if forward is None:
+            model(batch[key])
+        else:
+            forward(batch)
     for module, momentum in zip(norms, momenta):
         module.momentum = momentum
     model.train(was_training)
@@ -316,7 +321,8 @@ class Pretraining:
 
     def _checkpoint(self, batches: Iterator[dict[str, torch.Tensor]], evaluate_now: bool) -> dict[str, float]:
         """Re-estimate BN statistics, evaluate, then (rank 0) write the training state and model files."""
-        recalibrate_batchnorm(self.model, batches, self.config.bn_recalibration_batches, self.device, key=self.task.input_key)
+        recalibrate_batchnorm(self.model, batches, self.config.bn_recalibration_batches, self.device,
+                              forward=lambda batch: self.task.forward(self.model, batch))
         metrics = {}
         if evaluate_now:
             metrics = evaluate(self.model, self.val_samples, self.device, self.task)

@@ -70,7 +70,8 @@ def load_encoder(network: nn.Module, run_or_file: str | Path) -> tuple[LoadRepor
     report.missing = [name for name in target if name not in pretrained]
     network.encoder.load_state_dict(target, strict=True)
     if card.get("pretrains_decoder"):
-        report.decoder = load_decoder(network, state)
+        prefix = card.get("decoder_prefix", "")  # a combined task keeps its restoration U-Net under heads.<task>.
+        report.decoder = load_decoder(network, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
     return report, card
 
 

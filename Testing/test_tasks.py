@@ -249,3 +249,35 @@ def test_a_volume_too_small_for_the_3x3x3_grid_is_refused_with_the_minimum(tmp_p
     message = result.stderr.strip().splitlines()[-1]
     assert "needs at least 192x192x192" in message and "--cube-size" in message, message
     assert not (tmp_path / "sample.json").exists()
+
+
+def test_combined_tasks_share_one_encoder_saved_once_and_both_learn(small_adrenal: Path, tmp_path: Path) -> None:
+    config = config_for("rubik,mae=0.5", tmp_path, steps=200, eval_every=200, data=[str(small_adrenal)],
+                        out=str(tmp_path / "both"), encoder=EncoderConfig(1, (8, 16, 32), (1, 2, 2), norm="group"),
+                        puzzle=PuzzleSpec(cube_size=(12, 12, 12), jitter=(2, 2, 2), num_permutations=10))
+    metrics = training.Pretraining(config, Reporter("none")).run()
+    assert metrics["rubik/val_ordering_acc"] > 0.1 + 0.1 and metrics["mae/val_restoration_gain"] > 0.1, metrics
+    model, card = training.load_pretrained(tmp_path / "both")
+    assert card["primary_metric"] == "rubik/val_ordering_acc" and card["parts"]["mae"]["weight"] == 0.5
+    assert model.heads["rubik"].encoder is model.encoder is model.heads["mae"].encoder
+    names = list(model.state_dict())
+    assert not any(".encoder." in n for n in names) and any(n.startswith("encoder.") for n in names)
+    network = UNet(Encoder(config.encoder), num_classes=2)
+    report, _ = transfer.load_encoder(network, tmp_path / "both")
+    assert report.loaded and report.decoder and not report.missing
+    theirs = model.state_dict()
+    for name in report.decoder:
+        assert torch.equal(network.state_dict()[name], theirs[f"heads.mae.{name}"]), name
+
+
+@pytest.mark.parametrize("spec, message", [("rubik,nonsense", "unknown pretext task 'nonsense'"),
+                                           ("rubik,mae=-1", "positive number"), ("mae,mae", "once")])
+def test_a_bad_task_combination_is_refused(spec: str, message: str) -> None:
+    with pytest.raises(Exception, match=message):
+        PretrainConfig(data=["x"], out="y", task=spec)
+
+
+def test_combining_tasks_on_a_batchnorm_encoder_is_refused_with_the_fix(tmp_path: Path) -> None:
+    result = rubikssl("pretrain", "--task", "rubik,mae", "--data", str(ADRENAL), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "--norm group" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run" / "model.safetensors").exists()
