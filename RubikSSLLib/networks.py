@@ -6,10 +6,13 @@ Tensors are (B, C, Z, Y, X). The encoder returns one feature map per stage (the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from RubikSSLLib.errors import BadInput
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class Encoder(nn.Module):
         return 2 ** len(self.config.widths)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.config.norm == "instance" and math.prod(s // self.downsampling for s in x.shape[2:]) <= 1:
+            raise BadInput(f"--norm instance: an input of {tuple(x.shape[2:])} voxels shrinks to one voxel in the deepest "
+                           "stage, where instance norm has nothing to normalise; use a larger --cube-size or --norm group")
         features = []
         for stage in self.stages:
             x = stage(x)

@@ -281,3 +281,10 @@ def test_combining_tasks_on_a_batchnorm_encoder_is_refused_with_the_fix(tmp_path
     result = rubikssl("pretrain", "--task", "rubik,mae", "--data", str(ADRENAL), "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "--norm group" in result.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_instance_norm_on_cubes_that_shrink_to_one_voxel_is_refused(tmp_path: Path) -> None:
+    result = rubikssl("pretrain", "--data", str(cli.SAMPLE_DATA / "stroke_T2.nii.gz"), "--out", str(tmp_path / "run"),
+                      "--norm", "instance", "--cube-size", "16", "--steps", "2")
+    assert result.returncode == 2
+    assert "--norm group" in result.stderr.strip().splitlines()[-1], result.stderr
