@@ -23,7 +23,7 @@ from RubikSSLLib.config import settings_from_json
 from RubikSSLLib.errors import BadInput, Cancelled
 from RubikSSLLib.files import write_json_atomic
 from RubikSSLLib.intensity import IntensityRecipe
-from RubikSSLLib.networks import EncoderConfig
+from RubikSSLLib.networks import EncoderConfig, channels_last
 from RubikSSLLib.progress import Reporter
 from RubikSSLLib.volumes import image_from_array
 from RubikSSLLib.training import StopSignal, recalibrate_batchnorm, select_device, versions
@@ -192,7 +192,7 @@ class Finetuning:
                                 "adapted": report.adapted, "decoder_loaded": len(report.decoder),
                                 "pretraining_task": card.get("task"), "pretraining_step": card.get("step")}
             self.reporter.log(f"initialised from {config.init}: {report.summary()}")
-        return network.to(self.device)
+        return channels_last(network.to(self.device))
 
     # ---- loop
     def run(self) -> dict[str, float]:

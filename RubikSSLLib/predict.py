@@ -16,6 +16,7 @@ from RubikSSLLib.files import atomic_path, write_json_atomic
 from RubikSSLLib.config import settings_from_json
 from RubikSSLLib.finetune import FinetuneConfig, fit_to_size, to_network_range
 from RubikSSLLib.intensity import IntensityRecipe
+from RubikSSLLib.networks import channels_last
 from RubikSSLLib.volumes import geometry_of, image_from_array, load_case, read_image
 
 
@@ -32,7 +33,7 @@ def load_finetuned(run_or_file: str | Path, task: str) -> tuple[torch.nn.Module,
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise BadInput(f"{path}: weights do not match its card ({str(error).splitlines()[0][:100]}); the file is damaged") from None
-    return model.eval(), card
+    return channels_last(model).eval(), card
 
 
 def _prepared_input(volumes: list[str], card: dict) -> tuple[np.ndarray, sitk.Image]:
@@ -57,9 +58,9 @@ def segment(model_dir: str | Path, volumes: list[str], out: str | Path, roi_size
     model, card = load_finetuned(model_dir, "segment")
     image, grid = _prepared_input(volumes, card)
     roi = tuple(roi_size or card["config"]["patch_size"])
-    with torch.no_grad():
+    with torch.inference_mode():
         logits = sliding_window_inference(torch.from_numpy(image)[None], roi, 1, model, overlap=overlap, mode="gaussian")
-    indices = logits.argmax(1)[0].numpy().astype(np.uint8)
+    indices = np.argmax(logits[0].numpy(), axis=0).astype(np.uint8)  # numpy's is 3x faster than torch's on one thread
     values = np.array([c["value"] for c in card["classes"]])
     on_grid = image_from_array(values[indices].astype(np.uint16), geometry_of(grid))
     reference = read_image(volumes[0])

@@ -21,6 +21,7 @@ from RubikSSLLib import __version__, checkpoint, datasources, rundir, sampling, 
 from RubikSSLLib.config import PretrainConfig
 from RubikSSLLib.errors import BadInput, Cancelled
 from RubikSSLLib.files import write_json_atomic
+from RubikSSLLib.networks import channels_last
 from RubikSSLLib.tasks.base import PretextTask
 from RubikSSLLib.progress import Reporter
 
@@ -261,9 +262,7 @@ class Pretraining:
         self.train_sources, self.train_cases = [s for s, _ in train], [c for _, c in train]
         self.val_sources, self.val_cases = [s for s, _ in validation], [c for _, c in validation]
         torch.manual_seed(config.seed)
-        self.model = self.task.build_model().to(self.device)
-        if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last_3d)
+        self.model = channels_last(self.task.build_model().to(self.device))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         state_path = self.run_dir.file(rundir.TRAINING_STATE)
         if self.resume and state_path.exists():

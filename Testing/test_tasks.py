@@ -252,7 +252,8 @@ def test_a_volume_too_small_for_the_3x3x3_grid_is_refused_with_the_minimum(tmp_p
 
 
 def test_combined_tasks_share_one_encoder_saved_once_and_both_learn(small_adrenal: Path, tmp_path: Path) -> None:
-    config = config_for("rubik,mae=0.5", tmp_path, steps=200, eval_every=200, data=[str(small_adrenal)],
+    # 300 steps: at 200 the ordering accuracy sat near the 0.2 bar and flipped with the memory layout's rounding.
+    config = config_for("rubik,mae=0.5", tmp_path, steps=300, eval_every=300, data=[str(small_adrenal)],
                         out=str(tmp_path / "both"), encoder=EncoderConfig(1, (8, 16, 32), (1, 2, 2), norm="group"),
                         puzzle=PuzzleSpec(cube_size=(12, 12, 12), jitter=(2, 2, 2), num_permutations=10))
     metrics = training.Pretraining(config, Reporter("none")).run()

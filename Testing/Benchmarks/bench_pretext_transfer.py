@@ -33,9 +33,15 @@ def rubikssl(*arguments: str) -> None:
                    cwd=REPO)
 
 
+def last_step(run: Path) -> int:
+    metrics = run / rundir.METRICS
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
 def pretrain(task: str, cube_size: int, out: Path, args: argparse.Namespace) -> dict:
     run = out / f"pretrain_{task}"
-    if not (run / "model.json").exists():
+    if last_step(run) < args.steps:  # a best model alone may come from a run stopped half-way
         rubikssl("pretrain", "--task", task, "--data", str(NPZ), "--out", str(run), "--steps", str(args.steps),
                  "--batch-size", str(args.batch_size), "--cube-size", str(cube_size), "--spacing", "native",
                  "--eval-every", str(args.steps // 4), "--val-puzzles", "64", *(["--resume"] if run.exists() else []))
