@@ -18,6 +18,9 @@ from RubikSSLLib.files import atomic_path, write_json_atomic, write_text_atomic
 from RubikSSLLib.finetune import FinetuneConfig, Finetuning
 from RubikSSLLib.progress import Reporter
 
+# The first metric decides the plot; every one gets its own table.
+METRICS = {"classify": ("val_auc", "val_acc"), "segment": ("val_mean_dice",)}
+
 
 def _score(run: Path, key: str, last_epochs: int) -> float:
     history = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
@@ -32,26 +35,31 @@ def _finished(run: Path, epochs: int) -> bool:
 def run_evaluation(base: FinetuneConfig, pretrained: str, fractions: list[float], seeds: list[int], out: Path,
                    reporter: Reporter, last_epochs: int = 3) -> dict:
     """Fine-tune scratch and `pretrained` for every fraction x seed; write results.json, results.md, results.png."""
-    key = "val_auc" if base.task == "classify" else "val_mean_dice"
+    keys = METRICS[base.task]
     out.mkdir(parents=True, exist_ok=True)
-    scores: dict[str, dict[str, list[float]]] = {}
+    scores: dict[str, dict[str, dict[str, list[float]]]] = {key: {} for key in keys}
     total, done = len(fractions) * len(seeds) * 2, 0
     for fraction in fractions:
         for seed in seeds:
             for init in ("scratch", pretrained):
-                name = f"fraction{fraction:g}_seed{seed}_{'scratch' if init == 'scratch' else 'pretrained'}"
-                run = out / name
+                role = "scratch" if init == "scratch" else "pretrained"
+                run = out / f"fraction{fraction:g}_seed{seed}_{role}"
                 if not _finished(run, base.epochs):
                     config = dataclasses.replace(base, init=init, label_fraction=fraction, seed=seed, out=str(run))
                     Finetuning(config, Reporter("none"), resume=run.exists()).run()
-                scores.setdefault(f"{fraction:g}", {}).setdefault("scratch" if init == "scratch" else "pretrained", []).append(
-                    _score(run, key, last_epochs))
+                for key in keys:
+                    scores[key].setdefault(f"{fraction:g}", {}).setdefault(role, []).append(
+                        _score(run, key, last_epochs))
                 done += 1
-                reporter.progress(done, total, run=name)
-    summary = summarise(scores)
-    write_json_atomic(out / "results.json", {"metric": key, "last_epochs": last_epochs, "pretrained": pretrained,
-                                             "seeds": seeds, "scores": scores, "summary": summary})
-    write_text_atomic(out / "results.md", markdown(summary, key, last_epochs, len(seeds)))
+                reporter.progress(done, total, run=run.name)
+    summaries = {key: summarise(by_fraction) for key, by_fraction in scores.items()}
+    key, summary = keys[0], summaries[keys[0]]
+    write_json_atomic(out / "results.json", {
+        "metric": key, "last_epochs": last_epochs, "pretrained": pretrained, "seeds": seeds,
+        "scores": scores[key], "summary": summary,
+        "other_metrics": {other: {"scores": scores[other], "summary": summaries[other]} for other in keys[1:]},
+    })
+    write_text_atomic(out / "results.md", "\n".join(markdown(summaries[k], k, last_epochs, len(seeds)) for k in keys))
     plot(summary, key, out / "results.png")
     return summary
 

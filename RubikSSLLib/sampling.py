@@ -52,8 +52,8 @@ def prepare(volume: Volume, spec: CropShape, recipe: intensity.IntensityRecipe) 
     minimum = np.array(spec.min_volume_size)
     if (shape < minimum).any():
         raise BadInput(
-            f"{volume.name}: is {'x'.join(map(str, shape))} voxels (z, y, x) after resampling; the puzzle needs at least "
-            f"{'x'.join(map(str, minimum))}; use a smaller --cube-size or a finer --spacing"
+            f"{volume.name}: is {'x'.join(map(str, shape))} voxels (z, y, x) after resampling; the task's crop "
+            f"needs at least {'x'.join(map(str, minimum))}; use a smaller --cube-size or a finer --spacing"
         )
     mapping = intensity.fit(volume.array, recipe)
     pad_before = np.maximum(np.array(spec.crop_size) - shape, 0) // 2

@@ -203,7 +203,12 @@ def test_evaluate_pairs_seeds_and_writes_table_and_plot(small_adrenal_labeled: P
         assert cards[0]["init"]["source"] == "scratch" and cards[1]["init"]["loaded"] > 0
     row = results["summary"]["0.2"]
     assert row["difference_mean"] == pytest.approx(np.mean(np.subtract(scores["pretrained"], scores["scratch"])))
-    assert "| 0.2 |" in (out / "results.md").read_text()
+    table = (out / "results.md").read_text()
+    assert "| 0.2 |" in table and table.startswith("val_auc") and "\nval_acc" in table
+    accuracy = results["other_metrics"]["val_acc"]  # the accuracy of the same runs, read from their metrics files
+    last_accuracy = json.loads((out / "fraction0.2_seed1_pretrained/metrics.jsonl").read_text().splitlines()[-1])["val_acc"]
+    assert accuracy["scores"]["0.2"]["pretrained"][1] == pytest.approx(last_accuracy)
+    assert evaluate.summarise(accuracy["scores"]) == accuracy["summary"]
     assert Image.open(out / "results.png").size == (640, 420)
     # a finished evaluation is reused, not recomputed
     before = (out / "fraction0.2_seed0_scratch" / "model.safetensors").stat().st_mtime_ns
