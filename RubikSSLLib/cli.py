@@ -101,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--label-fraction", type=float, default=1.0, help="use this fraction of the training cases")
     finetune.add_argument("--decoder", choices=("unet", "duc"), default="unet")
     finetune.add_argument("--freeze-epochs", type=int, default=0, help="epochs with a frozen encoder before full fine-tuning")
+    finetune.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up, in epochs")
+    finetune.add_argument("--encoder-lr-factor", type=float, default=1.0,
+                          help="the encoder's learning rate relative to --learning-rate (e.g. 0.1)")
+    finetune.add_argument("--no-bn-recalibration", dest="recalibrate_bn", action="store_false",
+                          help="keep the pretrained BatchNorm statistics instead of re-estimating them on the target data")
     finetune.add_argument("--epochs", type=int, default=20)
     finetune.add_argument("--batch-size", type=int, default=8)
     finetune.add_argument("--learning-rate", type=float, default=3e-4)
@@ -245,6 +250,7 @@ def finetune_config(args: argparse.Namespace):
     return finetune.FinetuneConfig(
         task=args.task, train=list(args.train), val=list(args.val), out=args.out, init=args.init,
         label_fraction=args.label_fraction, decoder=args.decoder, freeze_epochs=args.freeze_epochs, epochs=args.epochs,
+        warmup_epochs=args.warmup_epochs, encoder_lr_factor=args.encoder_lr_factor, recalibrate_bn=args.recalibrate_bn,
         batch_size=args.batch_size, learning_rate=args.learning_rate, patch_size=args.patch_size,
         iterations_per_epoch=args.iterations_per_epoch, spacing_mm=args.spacing,
         intensity=IntensityRecipe(args.intensity), encoder=encoder, seed=args.seed, device=args.device,

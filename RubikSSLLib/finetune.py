@@ -44,6 +44,8 @@ class FinetuneConfig:
     label_fraction: float = 1.0
     decoder: str = "unet"
     freeze_epochs: int = 0
+    warmup_epochs: float = 0.0  # linear learning-rate warm-up from 0, counted in epochs of iterations
+    encoder_lr_factor: float = 1.0  # the encoder's learning rate is learning_rate x this
     epochs: int = 20
     batch_size: int = 8
     learning_rate: float = 3e-4
@@ -62,6 +64,8 @@ class FinetuneConfig:
             raise BadInput(f"--task {self.task}: use classify or segment")
         if self.decoder not in ("unet", "duc"):
             raise BadInput(f"--decoder {self.decoder}: use unet or duc")
+        if self.warmup_epochs < 0 or self.encoder_lr_factor <= 0:
+            raise BadInput("--warmup-epochs must be >= 0 and --encoder-lr-factor > 0")
         if not 0 < self.label_fraction <= 1:
             raise BadInput(f"--label-fraction {self.label_fraction}: give a fraction in (0, 1]")
         factor = 2 ** len(self.encoder.widths)
@@ -233,7 +237,7 @@ class Finetuning:
             self.train_cases = [Case(c.name, c.image, self.values[c.target]) for c in self.train_cases]
             self.val_cases = [Case(c.name, c.image, self.values[c.target]) for c in self.val_cases]
         self.model = self._build(len(self.names))
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
+        self.optimizer = torch.optim.Adam(self._parameter_groups(), lr=config.learning_rate)
         state_path = self.run_dir.file(rundir.TRAINING_STATE)
         if self.resume and state_path.exists():
             state = checkpoint.load_training_state(state_path, self.model, self.optimizer)
@@ -258,8 +262,9 @@ class Finetuning:
                     if stop.received or self.run_dir.stop_requested():
                         self._save({})
                         raise Cancelled(f"stopped in epoch {self.epoch + 1}; continue with --resume (the epoch restarts)")
-                    loss = self._step(next(batches))
                     step = self.epoch * iterations + iteration + 1
+                    self._set_learning_rate(step, iterations)
+                    loss = self._step(next(batches))
                     if step % 5 == 0 or iteration == iterations - 1:
                         self.reporter.progress(step, total, epoch=self.epoch + 1, loss=round(loss, 4))
                 self.epoch += 1
@@ -268,6 +273,24 @@ class Finetuning:
                 self.reporter.metric(self.epoch, **{k: v for k, v in metrics.items() if k != "epoch"})
                 self._save(metrics)
         return metrics
+
+    def _parameter_groups(self) -> list[dict]:
+        """One group, or the encoder at learning_rate x encoder_lr_factor beside the new layers at learning_rate."""
+        if self.config.encoder_lr_factor == 1:
+            return [{"params": list(self.model.parameters()), "base_lr": self.config.learning_rate}]
+        encoder = {id(p) for p in self.model.encoder.parameters()}
+        rest = [p for p in self.model.parameters() if id(p) not in encoder]
+        return [{"params": list(self.model.encoder.parameters()),
+                 "base_lr": self.config.learning_rate * self.config.encoder_lr_factor},
+                {"params": rest, "base_lr": self.config.learning_rate}]
+
+    def _set_learning_rate(self, step: int, iterations: int) -> None:
+        """Linear warm-up over the first warmup_epochs x iterations steps (1-based `step`), then constant.
+        Computed from the step alone, so a resumed run continues the same schedule."""
+        warmup = self.config.warmup_epochs * iterations
+        scale = min(1.0, step / warmup) if warmup > 0 else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * scale
 
     def _batches(self):
         """Endless training batches {"image": (B, C, ...), "target": ...} drawn with the run's Generator."""

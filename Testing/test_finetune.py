@@ -234,3 +234,25 @@ def test_label_map_lands_on_the_processed_image_grid() -> None:
     # the lesion is bright on T2: its mean intensity on the processed grid exceeds the brain's
     brain = volume.array[0] > np.percentile(volume.array[0], 50)
     assert volume.array[0][labels == 1].mean() > volume.array[0][brain & (labels == 0)].mean()
+
+
+def test_warm_up_and_encoder_learning_rate_follow_the_step_and_resume(small_adrenal_labeled: Path, pretrained_run: Path,
+                                                                     tmp_path: Path) -> None:
+    from RubikSSLLib.finetune import FinetuneConfig, Finetuning
+    from RubikSSLLib.progress import Reporter
+
+    data = [str(small_adrenal_labeled)]
+    card = checkpoint.load_model(pretrained_run / "model.safetensors")[1]
+    config = FinetuneConfig(task="classify", train=data, val=data, out=str(tmp_path / "run"), init=str(pretrained_run),
+                            epochs=1, iterations_per_epoch=2, batch_size=2, warmup_epochs=2, encoder_lr_factor=0.1,
+                            encoder=settings_from_json(EncoderConfig, card["config"]["encoder"]))
+    first = Finetuning(config, Reporter("none"))
+    first.run()
+    encoder_group, head_group = first.optimizer.param_groups
+    assert {id(p) for p in encoder_group["params"]} == {id(p) for p in first.model.encoder.parameters()}
+    assert len(head_group["params"]) == len(list(first.model.parameters())) - len(encoder_group["params"]) > 0
+    # step 2 of a 4-step warm-up: half the learning rate, the encoder's a tenth of that
+    assert head_group["lr"] == pytest.approx(0.5 * 3e-4) and encoder_group["lr"] == pytest.approx(0.05 * 3e-4)
+    resumed = Finetuning(FinetuneConfig(**{**config.__dict__, "epochs": 2}), Reporter("none"), resume=True)
+    resumed.run()
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([0.1 * 3e-4, 3e-4])

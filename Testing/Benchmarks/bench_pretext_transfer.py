@@ -1,11 +1,17 @@
 """Which pretext task transfers? Prints a Markdown table. Not a test: it takes hours on a CPU.
 
     python Testing/Benchmarks/bench_pretext_transfer.py --out bench-pretext [--tasks rubik,mae] [--seeds 5]
+        [--recipes default,keep-bn,head-warmup,lr-warmup,encoder-lr]
 
 Every task pretrains the same encoder with the same budget (steps x batch) on the AdrenalMNIST3D training images
 without their labels (no extra data, as in the paper), then each pretrained encoder and a random one are fine-tuned
 on the same seeded 10% label subset per seed (paired seeds). A fine-tune's score is the mean of its last epochs.
 Runs go through the `rubikssl` command line, one thread each; finished runs are reused, so it resumes.
+
+Fine-tuning recipes (`--recipes`) are compared against the default recipe's scratch runs: the default re-estimates
+BatchNorm statistics on the target data and fine-tunes everything at one learning rate. Recipes that make sense
+for a random encoder too (the warm-up, the lower encoder rate) are also run from scratch, to tell a recipe that
+helps pretraining from one that helps any init.
 """
 
 from __future__ import annotations
@@ -25,6 +31,14 @@ sys.path.insert(0, str(REPO))
 from RubikSSLLib import evaluate, rundir  # noqa: E402
 
 NPZ = REPO.parent / "shared/data/cls/adrenalmnist3d_64_trainval.npz"
+RECIPES = {  # extra `rubikssl finetune` flags
+    "default": [],
+    "keep-bn": ["--no-bn-recalibration"],  # the pretext's BatchNorm statistics instead of the target data's
+    "head-warmup": ["--freeze-epochs", "3"],  # the new head fitted on a frozen encoder first
+    "lr-warmup": ["--warmup-epochs", "2"],
+    "encoder-lr": ["--encoder-lr-factor", "0.1"],
+}
+FOR_SCRATCH_TOO = ("default", "lr-warmup", "encoder-lr")
 
 
 def rubikssl(*arguments: str) -> None:
@@ -49,15 +63,31 @@ def pretrain(task: str, cube_size: int, out: Path, args: argparse.Namespace) -> 
     return {key: value for key, value in history[-1].items() if key.startswith("val_")}
 
 
-def finetune(init: str, name: str, seed: int, out: Path, args: argparse.Namespace) -> dict[str, float]:
-    run = out / "finetune" / f"{name}_seed{seed}"
+def finetune(init: str, name: str, seed: int, out: Path, args: argparse.Namespace,
+             recipe: str = "default") -> dict[str, float]:
+    run = out / "finetune" / (f"{name}_seed{seed}" if recipe == "default" else f"{name}_{recipe}_seed{seed}")
     metrics = run / rundir.METRICS
     if not metrics.exists() or len(metrics.read_text().splitlines()) < args.epochs:
         rubikssl("finetune", "--task", "classify", "--train", str(NPZ), "--val", str(NPZ), "--out", str(run),
                  "--init", init, "--label-fraction", str(args.fraction), "--epochs", str(args.epochs),
-                 "--seed", str(seed), *(["--resume"] if run.exists() else []))
+                 "--seed", str(seed), *RECIPES[recipe], *(["--resume"] if run.exists() else []))
     history = [json.loads(line) for line in metrics.read_text().splitlines()][-args.last_epochs:]
     return {key: float(np.mean([h[key] for h in history])) for key in ("val_auc", "val_acc")}
+
+
+def label(recipe: str) -> str:
+    return "" if recipe == "default" else f" ({recipe})"
+
+
+def row(name: str, pretext: str, scores: list[dict], scratch: list[dict], compare: bool) -> str:
+    """A table row; the paired AUC difference is against the default recipe's scratch runs of the same seeds."""
+    auc = [s["val_auc"] for s in scores]
+    cells = [name, pretext, spread(auc), spread([s["val_acc"] for s in scores]), "–", "–"]
+    if compare:
+        summary = evaluate.summarise({"f": {"scratch": [s["val_auc"] for s in scratch], "pretrained": auc}})["f"]
+        cells[4:] = [f"{summary['difference_mean']:+.3f} ± {summary['difference_sd']:.3f}",
+                     f"{summary['seeds_improved']}/{summary['seeds']}"]
+    return "| " + " | ".join(cells) + " |"
 
 
 def spread(values: list[float]) -> str:
@@ -76,25 +106,29 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--last-epochs", type=int, default=3)
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--recipes", default="default", help=f"fine-tuning recipes, from {','.join(RECIPES)}")
     args = parser.parse_args()
     seeds = range(args.seeds)
+    recipes = args.recipes.split(",")
+    unknown = set(recipes) - set(RECIPES)
+    if unknown:
+        parser.error(f"unknown recipes {sorted(unknown)}; choose from {list(RECIPES)}")
     scratch = [finetune("scratch", "scratch", seed, args.out, args) for seed in seeds]
-    rows = [f"| scratch | – | {spread([s['val_auc'] for s in scratch])} | {spread([s['val_acc'] for s in scratch])} | – | – |"]
+    rows = []
+    for recipe in ["default"] + [r for r in recipes if r in FOR_SCRATCH_TOO and r != "default"]:
+        scores = [finetune("scratch", "scratch", seed, args.out, args, recipe) for seed in seeds]
+        rows.append(row(f"scratch{label(recipe)}", "–", scores, scratch, recipe != "default"))
     for entry in args.tasks.split(","):
         task, _, cube_size = entry.partition(":")
         pretext = pretrain(task, int(cube_size or args.cube_size), args.out, args)
-        scores = [finetune(str(args.out / f"pretrain_{task}"), task, seed, args.out, args) for seed in seeds]
-        summary = evaluate.summarise({"f": {"scratch": [s["val_auc"] for s in scratch],
-                                            "pretrained": [s["val_auc"] for s in scores]}})["f"]
         pretext_text = ", ".join(f"{k[4:]} {v:.3f}" for k, v in pretext.items())
-        rows.append(f"| {task} | {pretext_text} | {spread([s['val_auc'] for s in scores])} | "
-                    f"{spread([s['val_acc'] for s in scores])} | "
-                    f"{summary['difference_mean']:+.3f} ± {summary['difference_sd']:.3f} | "
-                    f"{summary['seeds_improved']}/{summary['seeds']} |")
+        for recipe in recipes:
+            scores = [finetune(str(args.out / f"pretrain_{task}"), task, seed, args.out, args, recipe) for seed in seeds]
+            rows.append(row(f"{task}{label(recipe)}", pretext_text, scores, scratch, True))
         print(f"finished {task}", flush=True)
     table = [f"AdrenalMNIST3D val (98 volumes), {args.fraction:g} of the labels, {args.epochs} epochs, mean of the last "
              f"{args.last_epochs}; pretraining {args.steps} steps x {args.batch_size}; mean ± sd over {args.seeds} paired seeds",
-             "", "| init | pretext metric (held-out) | AUC | ACC | AUC - scratch (paired) | seeds improved |",
+             "", "| init (recipe) | pretext metric (held-out) | AUC | ACC | AUC - scratch (paired) | seeds improved |",
              "|---|---|---|---|---|---|", *rows]
     (args.out / "results.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
