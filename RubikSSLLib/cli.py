@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     finetune.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up, in epochs")
     finetune.add_argument("--encoder-lr-factor", type=float, default=1.0,
                           help="the encoder's learning rate relative to --learning-rate (e.g. 0.1)")
+    finetune.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                          help="after the warm-up: constant, or a cosine decay to 0 at the last epoch")
     finetune.add_argument("--no-bn-recalibration", dest="recalibrate_bn", action="store_false",
                           help="keep the pretrained BatchNorm statistics instead of re-estimating them on the target data")
     finetune.add_argument("--epochs", type=int, default=20)
@@ -251,6 +253,7 @@ def finetune_config(args: argparse.Namespace):
         task=args.task, train=list(args.train), val=list(args.val), out=args.out, init=args.init,
         label_fraction=args.label_fraction, decoder=args.decoder, freeze_epochs=args.freeze_epochs, epochs=args.epochs,
         warmup_epochs=args.warmup_epochs, encoder_lr_factor=args.encoder_lr_factor, recalibrate_bn=args.recalibrate_bn,
+        lr_schedule=args.lr_schedule,
         batch_size=args.batch_size, learning_rate=args.learning_rate, patch_size=args.patch_size,
         iterations_per_epoch=args.iterations_per_epoch, spacing_mm=args.spacing,
         intensity=IntensityRecipe(args.intensity), encoder=encoder, seed=args.seed, device=args.device,

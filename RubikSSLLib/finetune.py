@@ -46,6 +46,7 @@ class FinetuneConfig:
     freeze_epochs: int = 0
     warmup_epochs: float = 0.0  # linear learning-rate warm-up from 0, counted in epochs of iterations
     encoder_lr_factor: float = 1.0  # the encoder's learning rate is learning_rate x this
+    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" decay to 0 at the last step
     epochs: int = 20
     batch_size: int = 8
     learning_rate: float = 3e-4
@@ -64,6 +65,8 @@ class FinetuneConfig:
             raise BadInput(f"--task {self.task}: use classify or segment")
         if self.decoder not in ("unet", "duc"):
             raise BadInput(f"--decoder {self.decoder}: use unet or duc")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise BadInput(f"--lr-schedule {self.lr_schedule}: use constant or cosine")
         if self.warmup_epochs < 0 or self.encoder_lr_factor <= 0:
             raise BadInput("--warmup-epochs must be >= 0 and --encoder-lr-factor > 0")
         if not 0 < self.label_fraction <= 1:
@@ -263,7 +266,7 @@ class Finetuning:
                         self._save({})
                         raise Cancelled(f"stopped in epoch {self.epoch + 1}; continue with --resume (the epoch restarts)")
                     step = self.epoch * iterations + iteration + 1
-                    self._set_learning_rate(step, iterations)
+                    self._set_learning_rate(step, total)
                     loss = self._step(next(batches))
                     if step % 5 == 0 or iteration == iterations - 1:
                         self.reporter.progress(step, total, epoch=self.epoch + 1, loss=round(loss, 4))
@@ -284,11 +287,16 @@ class Finetuning:
                  "base_lr": self.config.learning_rate * self.config.encoder_lr_factor},
                 {"params": rest, "base_lr": self.config.learning_rate}]
 
-    def _set_learning_rate(self, step: int, iterations: int) -> None:
-        """Linear warm-up over the first warmup_epochs x iterations steps (1-based `step`), then constant.
-        Computed from the step alone, so a resumed run continues the same schedule."""
-        warmup = self.config.warmup_epochs * iterations
-        scale = min(1.0, step / warmup) if warmup > 0 else 1.0
+    def _set_learning_rate(self, step: int, total: int) -> None:
+        """Linear warm-up over the first warmup_epochs worth of the `total` steps (`step` is 1-based), then constant
+        or a cosine decay to 0 at `total`. Computed from the step alone, so a resumed run continues the schedule."""
+        warmup = self.config.warmup_epochs * total / self.config.epochs
+        if step <= warmup:
+            scale = step / warmup
+        elif self.config.lr_schedule == "cosine":
+            scale = 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+        else:
+            scale = 1.0
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * scale
 

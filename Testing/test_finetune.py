@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -256,3 +257,8 @@ def test_warm_up_and_encoder_learning_rate_follow_the_step_and_resume(small_adre
     resumed = Finetuning(FinetuneConfig(**{**config.__dict__, "epochs": 2}), Reporter("none"), resume=True)
     resumed.run()
     assert [g["lr"] for g in resumed.optimizer.param_groups] == pytest.approx([0.1 * 3e-4, 3e-4])
+    # cosine after a 1-epoch warm-up of 4 epochs x 2 steps: peak at step 2, half-way at step 5, zero at the last step
+    resumed.config = dataclasses.replace(config, epochs=4, warmup_epochs=1, lr_schedule="cosine")
+    for step, scale in ((1, 0.5), (2, 1.0), (5, 0.5), (8, 0.0)):
+        resumed._set_learning_rate(step, total=8)
+        assert resumed.optimizer.param_groups[1]["lr"] == pytest.approx(scale * 3e-4, abs=1e-12)

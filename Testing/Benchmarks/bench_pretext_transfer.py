@@ -1,7 +1,7 @@
 """Which pretext task transfers? Prints a Markdown table. Not a test: it takes hours on a CPU.
 
     python Testing/Benchmarks/bench_pretext_transfer.py --out bench-pretext [--tasks rubik,mae] [--seeds 5]
-        [--recipes default,keep-bn,head-warmup,lr-warmup,encoder-lr]
+        [--recipes default,keep-bn,head-warmup,lr-warmup,encoder-lr,cosine]
 
 Every task pretrains the same encoder with the same budget (steps x batch) on the AdrenalMNIST3D training images
 without their labels (no extra data, as in the paper), then each pretrained encoder and a random one are fine-tuned
@@ -10,7 +10,7 @@ Runs go through the `rubikssl` command line, one thread each; finished runs are 
 
 Fine-tuning recipes (`--recipes`) are compared against the default recipe's scratch runs: the default re-estimates
 BatchNorm statistics on the target data and fine-tunes everything at one learning rate. Recipes that make sense
-for a random encoder too (the warm-up, the lower encoder rate) are also run from scratch, to tell a recipe that
+for a random encoder too (the warm-ups, the lower encoder rate, the cosine decay) are also run from scratch, to tell a recipe that
 helps pretraining from one that helps any init.
 """
 
@@ -37,8 +37,9 @@ RECIPES = {  # extra `rubikssl finetune` flags
     "head-warmup": ["--freeze-epochs", "3"],  # the new head fitted on a frozen encoder first
     "lr-warmup": ["--warmup-epochs", "2"],
     "encoder-lr": ["--encoder-lr-factor", "0.1"],
+    "cosine": ["--warmup-epochs", "1", "--lr-schedule", "cosine"],
 }
-FOR_SCRATCH_TOO = ("default", "lr-warmup", "encoder-lr")
+FOR_SCRATCH_TOO = ("default", "lr-warmup", "encoder-lr", "cosine")
 
 
 def rubikssl(*arguments: str) -> None:
