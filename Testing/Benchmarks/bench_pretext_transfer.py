@@ -54,11 +54,14 @@ def last_step(run: Path) -> int:
     return json.loads(lines[-1])["step"] if lines else 0
 
 
-def pretrain(task: str, cube_size: int, out: Path, args: argparse.Namespace) -> dict:
+def pretrain(task: str, cube_size: int, out: Path, args: argparse.Namespace,
+             data: tuple[str, ...] = ("--data", str(NPZ), "--spacing", "native")) -> dict:
+    """Pretrain `task` for args.steps x args.batch_size on `data` (rubikssl pretrain arguments) unless done;
+    returns the last held-out pretext metrics."""
     run = out / f"pretrain_{task}"
     if last_step(run) < args.steps:  # a best model alone may come from a run stopped half-way
-        rubikssl("pretrain", "--task", task, "--data", str(NPZ), "--out", str(run), "--steps", str(args.steps),
-                 "--batch-size", str(args.batch_size), "--cube-size", str(cube_size), "--spacing", "native",
+        rubikssl("pretrain", "--task", task, *data, "--out", str(run), "--steps", str(args.steps),
+                 "--batch-size", str(args.batch_size), "--cube-size", str(cube_size),
                  "--eval-every", str(args.steps // 4), "--val-puzzles", "64", *(["--resume"] if run.exists() else []))
     history = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
     return {key: value for key, value in history[-1].items() if key.startswith("val_")}

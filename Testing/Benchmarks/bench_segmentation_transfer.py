@@ -1,7 +1,11 @@
 """Scratch versus pretrained on a segmentation task: BraTS 2015 glioma, Dice per class. Prints a Markdown table.
-Not a test: it takes about an hour on a CPU. BraTS is licensed for non-commercial use: benchmarks only.
+Not a test: it takes hours on a CPU. BraTS is licensed for non-commercial use: benchmarks only.
 
-    python Testing/Benchmarks/bench_segmentation_transfer.py --out bench-seg --init NAME=RUN_DIR [NAME=RUN_DIR ...]
+    python Testing/Benchmarks/bench_segmentation_transfer.py --out bench-seg [--tasks rubik,mae] [--init NAME=RUN_DIR ...]
+
+Every pretext task of --tasks pretrains the same encoder with the same budget (steps x batch) on the head MRI and CT
+volumes of ../shared/data/pretrain (no BraTS case among them) resampled to 2 mm, those too small for the task left
+out; --init adds pretraining runs made elsewhere.
 
 The four BraTS cases of ../shared/data (FLAIR + T1c) with their labels merged into three classes (1 necrosis and
 3 non-enhancing -> 1 non-enhancing core, which alone are a few hundred voxels in some cases; 2 oedema; 4 -> 3
@@ -15,15 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_pretext_transfer import pretrain, rubikssl  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 BRATS = REPO.parent / "shared/data/seg/brats2015_deepmedic"
+PRETRAIN_DATA = ("--data", str(REPO.parent / "shared/data/pretrain"), "--spacing", "2", "--skip-unusable")
 CASES = ("brats_2013_pat0001_1", "brats_2013_pat0002_1", "brats_2013_pat0003_1", "brats_2013_pat0005_1")
 CLASSES = {"1": "core", "2": "oedema", "3": "enhancing"}
 MERGE = {0: 0, 1: 1, 2: 2, 3: 1, 4: 3}  # BraTS label -> class above
@@ -46,8 +53,9 @@ def datalist(fold: int, out: Path) -> Path:
     entries = [{"image": [str(BRATS / c / "Flair_subtrMeanDivStd.nii.gz"), str(BRATS / c / "T1c_subtrMeanDivStd.nii.gz")],
                 "label": str(merged_labels(c, out))} for c in CASES]
     path = out / f"fold{fold}.json"
-    path.write_text(json.dumps({"labels": CLASSES, "training": [e for i, e in enumerate(entries) if i != fold],
-                                "validation": [entries[fold]]}, indent=1))
+    if not path.exists():  # a second instance may be reading it
+        path.write_text(json.dumps({"labels": CLASSES, "training": [e for i, e in enumerate(entries) if i != fold],
+                                    "validation": [entries[fold]]}, indent=1))
     return path
 
 
@@ -55,13 +63,11 @@ def finetune(init: str, name: str, fold: int, out: Path, args: argparse.Namespac
     run = out / f"{name}_fold{fold}"
     metrics = run / "metrics.jsonl"
     if not metrics.exists() or len(metrics.read_text().splitlines()) < args.epochs:
-        environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         data = str(datalist(fold, out))
-        subprocess.run([sys.executable, "-m", "RubikSSLLib", "finetune", "--task", "segment", "--train", data, "--val", data,
-                        "--out", str(run), "--init", init, "--epochs", str(args.epochs), "--iterations-per-epoch",
-                        str(args.iterations), "--patch-size", str(args.patch_size), "--spacing", str(args.spacing),
-                        "--batch-size", "2", "--decoder", args.decoder, "--progress", "none",
-                        *(["--resume"] if run.exists() else [])], check=True, env=environment, cwd=REPO)
+        rubikssl("finetune", "--task", "segment", "--train", data, "--val", data, "--out", str(run), "--init", init,
+                 "--epochs", str(args.epochs), "--iterations-per-epoch", str(args.iterations), "--patch-size",
+                 str(args.patch_size), "--spacing", str(args.spacing), "--batch-size", "2", "--decoder", args.decoder,
+                 *(["--resume"] if run.exists() else []))
     history = [json.loads(line) for line in metrics.read_text().splitlines()][-args.last_epochs:]
     return {c: float(np.mean([h[f"dice_{c}"] for h in history])) for c in CLASSES.values()} | {
         "mean": float(np.mean([h["val_mean_dice"] for h in history]))}
@@ -70,6 +76,11 @@ def finetune(init: str, name: str, fold: int, out: Path, args: argparse.Namespac
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tasks", default="", help="pretext tasks to pretrain here, each optionally with its own "
+                        "cube size as name:N (rpl's 3x3x3 grid: rpl:20)")
+    parser.add_argument("--steps", type=int, default=500, help="pretraining steps of every task")
+    parser.add_argument("--batch-size", type=int, default=8, help="pretraining crops per step")
+    parser.add_argument("--cube-size", type=int, default=32)
     parser.add_argument("--init", nargs="*", default=[], help="NAME=PRETRAINING_RUN_DIR, one per pretrained init")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=20, help="patches batches per epoch")
@@ -79,19 +90,27 @@ def main() -> None:
     parser.add_argument("--decoder", choices=("unet", "duc"), default="unet")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    inits = [("scratch", "scratch")] + [tuple(entry.split("=", 1)) for entry in args.init]
+    pretext = {}  # all pretraining first, so that a second instance can pretrain other tasks meanwhile
+    for entry in filter(None, args.tasks.split(",")):
+        task, _, cube_size = entry.partition(":")
+        metrics = pretrain(task, int(cube_size or args.cube_size), args.out, args, PRETRAIN_DATA)
+        pretext[task] = ", ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items())
+    inits = [("scratch", "scratch")] + [(task, str(args.out / f"pretrain_{task}")) for task in pretext] + [
+        tuple(entry.split("=", 1)) for entry in args.init]
     scores = {name: [finetune(init, name, fold, args.out, args) for fold in range(len(CASES))] for name, init in inits}
     columns = [*CLASSES.values(), "mean"]
     lines = [f"BraTS 2015, 4 folds (3 training cases, 1 validation), {args.decoder} decoder, {args.epochs} epochs x "
              f"{args.iterations} batches of 2 x {args.patch_size}^3 at {args.spacing:g} mm; foreground Dice, mean of the "
-             f"last {args.last_epochs} epochs, mean ± sd over folds", "",
-             "| init | " + " | ".join(columns) + " | mean - scratch (paired) |", "|---" * (len(columns) + 2) + "|"]
+             f"last {args.last_epochs} epochs, mean ± sd over folds; pretraining {args.steps} steps x {args.batch_size}",
+             "", "| init | pretext metric (held-out) | " + " | ".join(columns) + " | mean - scratch (paired, folds improved) |",
+             "|---" * (len(columns) + 3) + "|"]
     for name, _ in inits:
         cells = [f"{np.mean([s[c] for s in scores[name]]):.3f} ± {np.std([s[c] for s in scores[name]], ddof=1):.3f}"
                  for c in columns]
         difference = [s["mean"] - r["mean"] for s, r in zip(scores[name], scores["scratch"])]
-        paired = "–" if name == "scratch" else f"{np.mean(difference):+.3f} ± {np.std(difference, ddof=1):.3f}"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {paired} |")
+        paired = "–" if name == "scratch" else (f"{np.mean(difference):+.3f} ± {np.std(difference, ddof=1):.3f} "
+                                                f"({sum(d > 0 for d in difference)}/{len(difference)})")
+        lines.append(f"| {name} | {pretext.get(name, '–')} | " + " | ".join(cells) + f" | {paired} |")
     (args.out / "results.json").write_text(json.dumps(scores, indent=1))
     (args.out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
