@@ -7,7 +7,6 @@ recipe-mapped intensities rescaled to [-1, 1], the range the encoder saw on its 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 
@@ -383,8 +382,7 @@ class Finetuning:
         if is_best:
             self.best = dict(metrics)
         if metrics:
-            with open(self.run_dir.file(rundir.METRICS), "a", encoding="utf-8") as log:
-                log.write(json.dumps(metrics) + "\n")
+            self.run_dir.append_metrics(metrics)
         state = {"epoch": self.epoch, "best": self.best, "history": self.history}
         checkpoint.save_training_state(self.run_dir.file(rundir.TRAINING_STATE), self.model, self.optimizer, state)
         if is_best or not self.run_dir.file(rundir.BEST_MODEL).exists():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -58,6 +59,11 @@ class RunDir:
         if self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {LOCK}:
             self.file(LOCK).unlink(missing_ok=True)
             self.path.rmdir()
+
+    def append_metrics(self, metrics: dict) -> None:
+        """One line of metrics.jsonl per evaluation; earlier lines are never rewritten."""
+        with open(self.file(METRICS), "a", encoding="utf-8") as log:
+            log.write(json.dumps(metrics) + "\n")
 
     def stop_requested(self) -> bool:
         return self.file(STOP).exists()

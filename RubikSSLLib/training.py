@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -334,8 +333,7 @@ class Pretraining:
         if is_best:
             self.best = dict(metrics)
         if metrics:
-            with open(self.run_dir.file(rundir.METRICS), "a", encoding="utf-8") as log:
-                log.write(json.dumps(metrics) + "\n")
+            self.run_dir.append_metrics(metrics)
         state = {"step": self.step, "best": self.best, "history": self.history}
         checkpoint.save_training_state(self.run_dir.file(rundir.TRAINING_STATE), self.model, self.optimizer, state)
         weights = self.model.state_dict()
