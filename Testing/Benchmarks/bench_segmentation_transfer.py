@@ -9,10 +9,10 @@ out; --init adds pretraining runs made elsewhere.
 
 The four BraTS cases of ../shared/data (FLAIR + T1c) with their labels merged into three classes (1 necrosis and
 3 non-enhancing -> 1 non-enhancing core, which alone are a few hundred voxels in some cases; 2 oedema; 4 -> 3
-enhancing) are split four ways: each fold fine-tunes on three cases and validates on the fourth, for scratch and for every
-pretraining run given, with the same seed (so the same patches are drawn). A run's score is the mean of its last
-epochs' foreground Dice per class. Runs go through the `rubikssl` command line, one thread each; finished runs are
-reused, so it resumes.
+enhancing) are split four ways: each fold fine-tunes on three cases and validates on the fourth, for scratch and
+for every pretraining run given, with the same seeds (so the same patches are drawn; --seeds repeats each fold).
+A run's score is the mean of its last epochs' foreground Dice per class. Runs go through the `rubikssl` command
+line, one thread each; finished runs are reused, so it resumes.
 """
 
 from __future__ import annotations
@@ -59,15 +59,15 @@ def datalist(fold: int, out: Path) -> Path:
     return path
 
 
-def finetune(init: str, name: str, fold: int, out: Path, args: argparse.Namespace) -> dict[str, float]:
-    run = out / f"{name}_fold{fold}"
+def finetune(init: str, name: str, fold: int, seed: int, out: Path, args: argparse.Namespace) -> dict[str, float]:
+    run = out / (f"{name}_fold{fold}" if seed == 0 else f"{name}_fold{fold}_seed{seed}")
     metrics = run / "metrics.jsonl"
     if not metrics.exists() or len(metrics.read_text().splitlines()) < args.epochs:
         data = str(datalist(fold, out))
         rubikssl("finetune", "--task", "segment", "--train", data, "--val", data, "--out", str(run), "--init", init,
                  "--epochs", str(args.epochs), "--iterations-per-epoch", str(args.iterations), "--patch-size",
                  str(args.patch_size), "--spacing", str(args.spacing), "--batch-size", "2", "--decoder", args.decoder,
-                 *(["--resume"] if run.exists() else []))
+                 "--seed", str(seed), *(["--resume"] if run.exists() else []))
     history = [json.loads(line) for line in metrics.read_text().splitlines()][-args.last_epochs:]
     return {c: float(np.mean([h[f"dice_{c}"] for h in history])) for c in CLASSES.values()} | {
         "mean": float(np.mean([h["val_mean_dice"] for h in history]))}
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=20, help="patches batches per epoch")
     parser.add_argument("--last-epochs", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds 0 .. N-1 per fold, paired across inits")
     parser.add_argument("--patch-size", type=int, default=48)
     parser.add_argument("--spacing", type=float, default=2.0)
     parser.add_argument("--decoder", choices=("unet", "duc"), default="unet")
@@ -97,12 +98,14 @@ def main() -> None:
         pretext[task] = ", ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items())
     inits = [("scratch", "scratch")] + [(task, str(args.out / f"pretrain_{task}")) for task in pretext] + [
         tuple(entry.split("=", 1)) for entry in args.init]
-    scores = {name: [finetune(init, name, fold, args.out, args) for fold in range(len(CASES))] for name, init in inits}
+    pairs = [(fold, seed) for seed in range(args.seeds) for fold in range(len(CASES))]
+    scores = {name: [finetune(init, name, fold, seed, args.out, args) for fold, seed in pairs] for name, init in inits}
     columns = [*CLASSES.values(), "mean"]
     lines = [f"BraTS 2015, 4 folds (3 training cases, 1 validation), {args.decoder} decoder, {args.epochs} epochs x "
              f"{args.iterations} batches of 2 x {args.patch_size}^3 at {args.spacing:g} mm; foreground Dice, mean of the "
-             f"last {args.last_epochs} epochs, mean ± sd over folds; pretraining {args.steps} steps x {args.batch_size}",
-             "", "| init | pretext metric (held-out) | " + " | ".join(columns) + " | mean - scratch (paired, folds improved) |",
+             f"last {args.last_epochs} epochs, mean ± sd over {len(pairs)} runs ({args.seeds} seeds x 4 folds); "
+             f"pretraining {args.steps} steps x {args.batch_size}",
+             "", "| init | pretext metric (held-out) | " + " | ".join(columns) + " | mean - scratch (paired, runs improved) |",
              "|---" * (len(columns) + 3) + "|"]
     for name, _ in inits:
         cells = [f"{np.mean([s[c] for s in scores[name]]):.3f} ± {np.std([s[c] for s in scores[name]], ddof=1):.3f}"
