@@ -103,7 +103,7 @@ def main() -> None:
     columns = [*CLASSES.values(), "mean"]
     lines = [f"BraTS 2015, 4 folds (3 training cases, 1 validation), {args.decoder} decoder, {args.epochs} epochs x "
              f"{args.iterations} batches of 2 x {args.patch_size}^3 at {args.spacing:g} mm; foreground Dice, mean of the "
-             f"last {args.last_epochs} epochs, mean ± sd over {len(pairs)} runs ({args.seeds} seeds x 4 folds); "
+             f"last {args.last_epochs} epochs, mean ± sd over {len(pairs)} runs ({args.seeds} seed{'s' * (args.seeds > 1)} x 4 folds); "
              f"pretraining {args.steps} steps x {args.batch_size}",
              "", "| init | pretext metric (held-out) | " + " | ".join(columns) + " | mean - scratch (paired, runs improved) |",
              "|---" * (len(columns) + 3) + "|"]
