@@ -22,12 +22,14 @@ from RubikSSLLib.progress import Reporter
 METRICS = {"classify": ("val_auc", "val_acc"), "segment": ("val_mean_dice",)}
 
 
-def _score(run: Path, key: str, last_epochs: int) -> float:
+def score(run: Path, key: str, last_epochs: int) -> float:
+    """A fine-tune's score: the mean of `key` over its last `last_epochs` validation epochs, never its best one."""
     history = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
     return float(np.mean([h[key] for h in history[-last_epochs:]]))
 
 
-def _finished(run: Path, epochs: int) -> bool:
+def finished(run: Path, epochs: int) -> bool:
+    """True once the run in `run` has logged `epochs` validation epochs."""
     metrics = run / rundir.METRICS
     return metrics.exists() and len(metrics.read_text().splitlines()) >= epochs
 
@@ -44,12 +46,12 @@ def run_evaluation(base: FinetuneConfig, pretrained: str, fractions: list[float]
             for init in ("scratch", pretrained):
                 role = "scratch" if init == "scratch" else "pretrained"
                 run = out / f"fraction{fraction:g}_seed{seed}_{role}"
-                if not _finished(run, base.epochs):
+                if not finished(run, base.epochs):
                     config = dataclasses.replace(base, init=init, label_fraction=fraction, seed=seed, out=str(run))
                     Finetuning(config, Reporter("none"), resume=run.exists()).run()
                 for key in keys:
                     scores[key].setdefault(f"{fraction:g}", {}).setdefault(role, []).append(
-                        _score(run, key, last_epochs))
+                        score(run, key, last_epochs))
                 done += 1
                 reporter.progress(done, total, run=run.name)
     summaries = {key: summarise(by_fraction) for key, by_fraction in scores.items()}

@@ -67,16 +67,19 @@ def pretrain(task: str, cube_size: int, out: Path, args: argparse.Namespace,
     return {key: value for key, value in history[-1].items() if key.startswith("val_")}
 
 
+def describe(pretext_metrics: dict) -> str:
+    """'ordering_acc 0.953, loss 0.491' from pretrain()'s {'val_ordering_acc': 0.953, 'val_loss': 0.491}."""
+    return ", ".join(f"{key.removeprefix('val_')} {value:.3f}" for key, value in pretext_metrics.items())
+
+
 def finetune(init: str, name: str, seed: int, out: Path, args: argparse.Namespace,
              recipe: str = "default") -> dict[str, float]:
     run = out / "finetune" / (f"{name}_seed{seed}" if recipe == "default" else f"{name}_{recipe}_seed{seed}")
-    metrics = run / rundir.METRICS
-    if not metrics.exists() or len(metrics.read_text().splitlines()) < args.epochs:
+    if not evaluate.finished(run, args.epochs):
         rubikssl("finetune", "--task", "classify", "--train", str(NPZ), "--val", str(NPZ), "--out", str(run),
                  "--init", init, "--label-fraction", str(args.fraction), "--epochs", str(args.epochs),
                  "--seed", str(seed), *RECIPES[recipe], *(["--resume"] if run.exists() else []))
-    history = [json.loads(line) for line in metrics.read_text().splitlines()][-args.last_epochs:]
-    return {key: float(np.mean([h[key] for h in history])) for key in ("val_auc", "val_acc")}
+    return {key: evaluate.score(run, key, args.last_epochs) for key in ("val_auc", "val_acc")}
 
 
 def label(recipe: str) -> str:
@@ -128,8 +131,7 @@ def main() -> None:
                         [None if recipe == "default" else scratch["default"], None]))
     for entry in args.tasks.split(","):
         task, _, cube_size = entry.partition(":")
-        pretext = pretrain(task, int(cube_size or args.cube_size), args.out, args)
-        pretext_text = ", ".join(f"{k[4:]} {v:.3f}" for k, v in pretext.items())
+        pretext_text = describe(pretrain(task, int(cube_size or args.cube_size), args.out, args))
         for recipe in recipes:
             scores = [finetune(str(args.out / f"pretrain_{task}"), task, seed, args.out, args, recipe) for seed in seeds]
             rows.append(row(f"{task}{label(recipe)}", pretext_text, scores,

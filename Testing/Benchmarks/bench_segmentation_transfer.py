@@ -26,7 +26,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_pretext_transfer import pretrain, rubikssl  # noqa: E402
+from bench_pretext_transfer import describe, pretrain, rubikssl  # noqa: E402
+
+from RubikSSLLib import evaluate  # noqa: E402
+from RubikSSLLib.files import write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 BRATS = REPO.parent / "shared/data/seg/brats2015_deepmedic"
@@ -53,24 +56,22 @@ def datalist(fold: int, out: Path) -> Path:
     entries = [{"image": [str(BRATS / c / "Flair_subtrMeanDivStd.nii.gz"), str(BRATS / c / "T1c_subtrMeanDivStd.nii.gz")],
                 "label": str(merged_labels(c, out))} for c in CASES]
     path = out / f"fold{fold}.json"
-    if not path.exists():  # a second instance may be reading it
-        path.write_text(json.dumps({"labels": CLASSES, "training": [e for i, e in enumerate(entries) if i != fold],
-                                    "validation": [entries[fold]]}, indent=1))
+    # atomic: a second instance of this benchmark may be starting a fine-tune on it
+    write_json_atomic(path, {"labels": CLASSES, "training": [e for i, e in enumerate(entries) if i != fold],
+                             "validation": [entries[fold]]})
     return path
 
 
 def finetune(init: str, name: str, fold: int, seed: int, out: Path, args: argparse.Namespace) -> dict[str, float]:
     run = out / (f"{name}_fold{fold}" if seed == 0 else f"{name}_fold{fold}_seed{seed}")
-    metrics = run / "metrics.jsonl"
-    if not metrics.exists() or len(metrics.read_text().splitlines()) < args.epochs:
+    if not evaluate.finished(run, args.epochs):
         data = str(datalist(fold, out))
         rubikssl("finetune", "--task", "segment", "--train", data, "--val", data, "--out", str(run), "--init", init,
                  "--epochs", str(args.epochs), "--iterations-per-epoch", str(args.iterations), "--patch-size",
                  str(args.patch_size), "--spacing", str(args.spacing), "--batch-size", "2", "--decoder", args.decoder,
                  "--seed", str(seed), *(["--resume"] if run.exists() else []))
-    history = [json.loads(line) for line in metrics.read_text().splitlines()][-args.last_epochs:]
-    return {c: float(np.mean([h[f"dice_{c}"] for h in history])) for c in CLASSES.values()} | {
-        "mean": float(np.mean([h["val_mean_dice"] for h in history]))}
+    return {c: evaluate.score(run, f"dice_{c}", args.last_epochs) for c in CLASSES.values()} | {
+        "mean": evaluate.score(run, "val_mean_dice", args.last_epochs)}
 
 
 def main() -> None:
@@ -94,8 +95,7 @@ def main() -> None:
     pretext = {}  # all pretraining first, so that a second instance can pretrain other tasks meanwhile
     for entry in filter(None, args.tasks.split(",")):
         task, _, cube_size = entry.partition(":")
-        metrics = pretrain(task, int(cube_size or args.cube_size), args.out, args, PRETRAIN_DATA)
-        pretext[task] = ", ".join(f"{k[4:]} {v:.3f}" for k, v in metrics.items())
+        pretext[task] = describe(pretrain(task, int(cube_size or args.cube_size), args.out, args, PRETRAIN_DATA))
     inits = [("scratch", "scratch")] + [(task, str(args.out / f"pretrain_{task}")) for task in pretext] + [
         tuple(entry.split("=", 1)) for entry in args.init]
     pairs = [(fold, seed) for seed in range(args.seeds) for fold in range(len(CASES))]
@@ -103,7 +103,7 @@ def main() -> None:
     columns = [*CLASSES.values(), "mean"]
     lines = [f"BraTS 2015, 4 folds (3 training cases, 1 validation), {args.decoder} decoder, {args.epochs} epochs x "
              f"{args.iterations} batches of 2 x {args.patch_size}^3 at {args.spacing:g} mm; foreground Dice, mean of the "
-             f"last {args.last_epochs} epochs, mean ± sd over {len(pairs)} runs ({args.seeds} seed{'s' * (args.seeds > 1)} x 4 folds); "
+             f"last {args.last_epochs} epochs, mean ± sd over {len(pairs)} runs ({args.seeds} seed{'s' * (args.seeds > 1)} x {len(CASES)} folds); "
              f"pretraining {args.steps} steps x {args.batch_size}",
              "", "| init | pretext metric (held-out) | " + " | ".join(columns) + " | mean - scratch (paired, runs improved) |",
              "|---" * (len(columns) + 3) + "|"]
