@@ -45,6 +45,26 @@ def _open(path: Path, kind: str, payload_key: str) -> tuple[dict[str, torch.Tens
         raise BadInput(f"{path}: corrupt or not a safetensors checkpoint ({str(error)[:120]}); restore it or start a new run") from None
 
 
+def read_card(path: Path) -> dict:
+    """The model card of a model file, read from the safetensors header alone (no weights are loaded)."""
+    if not Path(path).is_file():
+        raise BadInput(f"{path}: no such model file; point to a run folder written by rubikssl")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise BadInput(f"{path}: corrupt or not a safetensors model ({str(error)[:120]}); restore it or retrain") from None
+    if metadata.get("format") != FORMAT or metadata.get("kind") != "model":
+        raise BadInput(f"{path}: is not a RubikSSL model file; use a model.safetensors written by rubikssl")
+    try:
+        card = json.loads(metadata["card"])
+    except (KeyError, ValueError) as error:
+        raise BadInput(f"{path}: its model card is unreadable ({error}); restore the file or retrain") from None
+    if not isinstance(card, dict):
+        raise BadInput(f"{path}: its model card is not a JSON object; restore the file or retrain")
+    return card
+
+
 def save_model(path: Path, state: dict[str, torch.Tensor], card: dict) -> None:
     """Weights + model card in one file, and a readable copy of the card as `<name>.json` beside it."""
     _save(path, state, "model", "card", card)

@@ -8,139 +8,48 @@ import json
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 
-from RubikSSLLib import __version__
+from RubikSSLLib import __version__, stopping
 from RubikSSLLib.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK, BadInput, Cancelled
 from RubikSSLLib.progress import MODES, Reporter
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
-TASKS = ("rubik", "rubik+", "rubik++", "jigsaw", "rotation", "rpl", "exemplar", "cpc", "mae", "genesis")  # RubikSSLLib.tasks.REGISTRY (a test keeps them equal)
 DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
-
-
-def voxel_triple(text: str) -> tuple[int, int, int]:
-    """'32' -> (32, 32, 32); '16,32,32' -> (z, y, x) = (16, 32, 32)."""
-    try:
-        values = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give one integer or three as z,y,x") from None
-    if len(values) not in (1, 3):
-        raise argparse.ArgumentTypeError(f"{text!r}: give one integer or three as z,y,x")
-    return tuple(values * 3 if len(values) == 1 else values)
-
-
-def task_spec(text: str) -> str:
-    from RubikSSLLib import tasks
-
-    try:
-        tasks.parse(text)
-    except BadInput as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return text
-
-
-def spacing(text: str) -> float | None:
-    return None if text.lower() in ("native", "none", "0") else float(text)
-
-
-def add_data_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--cube-size", type=voxel_triple, default=(32, 32, 32), help="voxels, N or z,y,x (default 32)")
-    parser.add_argument("--jitter", type=voxel_triple, default=(6, 6, 6), help="max cube offset in its cell; gaps 0..2x (default 6)")
-    parser.add_argument("--grid", type=int, default=2, choices=(2, 3), help="cubes per axis (default 2: 2x2x2)")
-    parser.add_argument("--permutations", type=int, default=100, help="K, size of the Hamming permutation table")
-    parser.add_argument("--spacing", type=spacing, default=2.0, help="resample to this isotropic mm, or 'native' (default 2)")
-    parser.add_argument("--intensity", choices=("auto", "ct", "mri", "none"), default="auto",
-                        help="CT HU window [-1000, 1000] or MRI 0.5-99.5 percentile clip (default auto)")
+REQUIRED = {"pretrain": ("data", "out"), "puzzle": ("volume", "out"), "finetune": ("task", "train", "val", "out"),
+            "segment": ("model", "volume", "out"), "classify": ("model", "volume", "out")}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command's options come from its config dataclass (RubikSSLLib.config); only the run-control flags
+    (--resume, --progress) and the demo's are written here."""
+    from RubikSSLLib import config, options
+
     parser = argparse.ArgumentParser(prog="rubikssl", description="Self-supervised pretraining of 3D CNNs on CT/MRI volumes.")
     parser.add_argument("--version", action="version", version=f"rubikssl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    pretrain = commands.add_parser("pretrain", help="pretrain an encoder on a pretext task (default: Rubik's cube)")
-    pretrain.add_argument("--task", type=task_spec, default="rubik", metavar="TASK[,TASK...]",
-                          help=f"pretext task: {', '.join(TASKS)} (default rubik), or several on one encoder as "
-                               "rubik,mae or with loss weights rubik=1,mae=0.5; jigsaw takes --grid 2|3")
-    pretrain.add_argument("--data", nargs="+", required=True, help="volume files, folders, datalist .json, nnU-Net folder, .npz")
-    pretrain.add_argument("--out", required=True, help="run folder (checkpoints, model, metrics)")
-    pretrain.add_argument("--steps", type=int, default=2000)
-    pretrain.add_argument("--batch-size", type=int, default=8, help="puzzles per step")
-    pretrain.add_argument("--learning-rate", type=float, default=1e-3)
-    pretrain.add_argument("--eval-every", type=int, default=250, help="steps between validation + checkpoint")
-    pretrain.add_argument("--val-puzzles", type=int, default=128)
-    pretrain.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=(16, 32, 64, 128))
-    pretrain.add_argument("--norm", choices=("batch", "instance", "group"), default="batch")
-    pretrain.add_argument("--workers", type=int, default=-1, help="DataLoader workers (-1: 0 on CPU, 4 on CUDA)")
-    pretrain.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    pretrain.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    pretrain.add_argument("--skip-unusable", action="store_true",
-                          help="leave out (and report) volumes that cannot be used instead of stopping")
-    add_common(pretrain)
-    add_data_options(pretrain)
-    pretrain.set_defaults(handler=run_pretrain)
+    def command(name: str, help: str, handler, *configs: type, resume: bool = False) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help)
+        for cls in configs:
+            options.add_options(sub, cls, required=REQUIRED.get(name, REQUIRED["finetune"]))
+        if resume:
+            sub.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        sub.add_argument("--progress", choices=MODES, default="bar", help="bar (people), json (programs), none")
+        sub.set_defaults(handler=handler)
+        return sub
 
-    puzzle = commands.add_parser("puzzle", help="scramble a volume (and solve it with a model) for viewing")
-    puzzle.add_argument("--volume", nargs="+", required=True, help="the channel files of one case")
-    puzzle.add_argument("--out", required=True, help="output folder")
-    puzzle.add_argument("--model", help="a pretraining run folder: also record its solution")
-    puzzle.add_argument("--task", choices=TASKS, default="rubik",
-                        help="show this pretext task's sample (tasks other than rubik, rubik+, jigsaw: input and target volumes)")
-    puzzle.add_argument("--seed", type=int, default=0)
-    puzzle.add_argument("--progress", choices=MODES, default="bar")
-    add_data_options(puzzle)
-    puzzle.set_defaults(handler=run_puzzle)
-
-    finetune = commands.add_parser("finetune", help="fine-tune a pretrained (or random) encoder on labelled data")
-    finetune.add_argument("--task", choices=("classify", "segment"), required=True)
-    finetune.add_argument("--train", nargs="+", required=True, help="datalist .json, .npz archive or nnU-Net folder")
-    finetune.add_argument("--val", nargs="+", required=True, help="the same kinds; a datalist gives its 'validation' list")
-    finetune.add_argument("--out", required=True, help="run folder")
-    finetune.add_argument("--init", default="scratch", help="a pretraining run folder, or 'scratch'")
-    finetune.add_argument("--label-fraction", type=float, default=1.0, help="use this fraction of the training cases")
-    finetune.add_argument("--decoder", choices=("unet", "duc"), default="unet")
-    finetune.add_argument("--freeze-epochs", type=int, default=0, help="epochs with a frozen encoder before full fine-tuning")
-    finetune.add_argument("--warmup-epochs", type=float, default=0.0, help="linear learning-rate warm-up, in epochs")
-    finetune.add_argument("--encoder-lr-factor", type=float, default=1.0,
-                          help="the encoder's learning rate relative to --learning-rate (e.g. 0.1)")
-    finetune.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
-                          help="after the warm-up: constant, or a cosine decay to 0 at the last epoch")
-    finetune.add_argument("--no-bn-recalibration", dest="recalibrate_bn", action="store_false",
-                          help="keep the pretrained BatchNorm statistics instead of re-estimating them on the target data")
-    finetune.add_argument("--epochs", type=int, default=20)
-    finetune.add_argument("--batch-size", type=int, default=8)
-    finetune.add_argument("--learning-rate", type=float, default=3e-4)
-    finetune.add_argument("--patch-size", type=voxel_triple, default=(64, 64, 64), help="segmentation patch / classification input")
-    finetune.add_argument("--iterations-per-epoch", type=int, default=0)
-    finetune.add_argument("--spacing", type=spacing, default=None, help="isotropic mm, or native (default)")
-    finetune.add_argument("--intensity", choices=("auto", "ct", "mri", "none"), default="auto")
-    finetune.add_argument("--widths", type=lambda s: tuple(int(v) for v in s.split(",")), default=(16, 32, 64, 128),
-                          help="encoder widths for --init scratch (a pretrained run brings its own)")
-    finetune.add_argument("--resume", action="store_true")
-    add_common(finetune)
-    finetune.set_defaults(handler=run_finetune)
-
-    evaluate = commands.add_parser("evaluate", parents=[finetune], add_help=False, conflict_handler="resolve",
-                                   help="scratch vs pretrained at several label fractions x paired seeds")
-    evaluate.add_argument("--fractions", type=lambda s: [float(v) for v in s.split(",")], default=[0.1, 0.25, 1.0])
-    evaluate.add_argument("--seeds", type=int, default=5, help="paired seeds 0 .. N-1 (5 or more for any claim)")
-    evaluate.add_argument("--last-epochs", type=int, default=3, help="a run's score: mean of its last N epochs")
-    evaluate.set_defaults(handler=run_evaluate)
-
-    segment = commands.add_parser("segment", help="segment a volume with a fine-tuned model -> .seg.nrrd")
-    segment.add_argument("--model", required=True, help="a fine-tuning run folder")
-    segment.add_argument("--volume", nargs="+", required=True, help="the channel files of one case")
-    segment.add_argument("--out", required=True, help="result.seg.nrrd (a .labels.nrrd labelmap is written beside it)")
-    segment.add_argument("--progress", choices=MODES, default="bar")
-    segment.set_defaults(handler=run_segment)
-
-    classify = commands.add_parser("classify", help="classify a volume with a fine-tuned model -> JSON")
-    classify.add_argument("--model", required=True)
-    classify.add_argument("--volume", nargs="+", required=True)
-    classify.add_argument("--out", required=True, help="result.json")
-    classify.add_argument("--progress", choices=MODES, default="bar")
-    classify.set_defaults(handler=run_classify)
+    command("pretrain", "pretrain an encoder on a pretext task (default: Rubik's cube)", run_pretrain,
+            config.PretrainConfig, resume=True)
+    command("puzzle", "scramble a volume (and solve it with a model) for viewing", run_puzzle, config.PuzzleConfig)
+    command("finetune", "fine-tune a pretrained (or random) encoder on labelled data", run_finetune,
+            config.FinetuneConfig, resume=True)
+    command("evaluate", "scratch vs pretrained at several label fractions x paired seeds", run_evaluate,
+            config.FinetuneConfig, config.EvaluateConfig)
+    command("segment", "segment a volume with a fine-tuned model -> .seg.nrrd (+ .labels.nrrd)", run_segment,
+            config.SegmentConfig)
+    command("classify", "classify a volume with a fine-tuned model -> JSON", run_classify, config.ClassifyConfig)
 
     probe = commands.add_parser("probe", help="print versions and devices as JSON")
     probe.set_defaults(handler=run_probe, progress="none")
@@ -149,51 +58,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="rubikssl-demo", help="output folder (default ./rubikssl-demo)")
     demo.add_argument("--steps", type=int, default=600, help="pretraining steps")
     demo.add_argument("--finetune-epochs", type=int, default=12)
-    add_common(demo)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="auto", help=config.DEVICES)
+    demo.add_argument("--progress", choices=MODES, default="bar", help="bar (people), json (programs), none")
     demo.set_defaults(handler=run_demo)
     return parser
 
 
-def add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    parser.add_argument("--progress", choices=MODES, default="bar", help="bar (people), json (programs), none")
+def given(args: argparse.Namespace) -> dict:
+    from RubikSSLLib import options
+
+    return options.given(args)
 
 
-def data_settings(args: argparse.Namespace) -> dict:
-    """The PretrainConfig fields that shape the puzzle and the preprocessing."""
-    from RubikSSLLib.intensity import IntensityRecipe
-    from RubikSSLLib.puzzle import PuzzleSpec
+def resumed(cls, out: str, values: dict, changeable: tuple[str, ...]):
+    """The run's own stored config, with only the budget and the device changed. The folder the user names is
+    the run, wherever it was first written: a moved or copied run resumes, locks and writes here."""
+    import dataclasses
 
-    return {"puzzle": PuzzleSpec(args.grid, args.cube_size, args.jitter, args.permutations),
-            "intensity": IntensityRecipe(args.intensity), "spacing_mm": args.spacing}
+    from RubikSSLLib import rundir
 
-
-def pretrain_config(args: argparse.Namespace):
-    from RubikSSLLib import datasources
-    from RubikSSLLib.config import PretrainConfig
-    from RubikSSLLib.networks import EncoderConfig
-
-    in_channels = len(datasources.resolve(args.data).train[0].channels)
-    return PretrainConfig(
-        data=list(args.data), out=args.out, steps=args.steps, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, eval_every=args.eval_every, val_puzzles=args.val_puzzles,
-        encoder=EncoderConfig(in_channels, args.widths, (1,) + (2,) * (len(args.widths) - 1), args.norm),
-        seed=args.seed, device=args.device, precision=args.precision, workers=args.workers,
-        skip_unusable=args.skip_unusable, task=args.task, **data_settings(args),
-    )
+    stored = cls.read(Path(out) / rundir.CONFIG)
+    return dataclasses.replace(stored, out=out, **{name: values[name] for name in changeable if name in values})
 
 
 def run_pretrain(args: argparse.Namespace, reporter: Reporter) -> int:
-    from RubikSSLLib import rundir, training
+    from RubikSSLLib import datasources, rundir, training
     from RubikSSLLib.config import PretrainConfig
 
-    stored = Path(args.out) / rundir.CONFIG
-    if args.resume and stored.exists():
-        config = PretrainConfig.read(stored)  # the run's own settings; only the budget and the device may change
-        config.steps, config.device, config.workers = args.steps, args.device, args.workers
+    values = given(args)
+    if args.resume and (Path(args.out) / rundir.CONFIG).exists():
+        config = resumed(PretrainConfig, args.out, values, ("steps", "device", "workers"))
     else:
-        config = pretrain_config(args)
+        values.setdefault("encoder", {})["in_channels"] = len(datasources.resolve(values["data"]).train[0].channels)
+        config = PretrainConfig.from_values(values)
     metrics = training.Pretraining(config, reporter, resume=args.resume).run()
     reporter.done("ok", EXIT_OK, **metrics)
     return EXIT_OK
@@ -202,97 +100,113 @@ def run_pretrain(args: argparse.Namespace, reporter: Reporter) -> int:
 def run_puzzle(args: argparse.Namespace, reporter: Reporter) -> int:
     import numpy as np
 
-    from RubikSSLLib import puzzle, puzzleview, tasks, training
-    from RubikSSLLib.config import PretrainConfig
+    from RubikSSLLib import puzzle, puzzleview, taskspec, training
+    from RubikSSLLib.config import PretrainConfig, PuzzleConfig
+    from RubikSSLLib.files import atomic_folder
 
-    model = None
-    if args.model:
-        model, card = training.load_pretrained(args.model)
+    settings = PuzzleConfig.from_values(given(args))
+    out, model = Path(settings.out), None
+    if settings.model:
+        model, card = training.load_pretrained(settings.model)
         config = PretrainConfig.from_json(card["config"])
         if "permutations" not in card:
-            raise BadInput(f"{args.model}: a {config.task} model solves no puzzle; give a rubik or jigsaw run, or use --task")
+            raise BadInput(f"{settings.model}: a {config.task} model solves no puzzle; give a rubik or jigsaw run, or use --task")
         table = np.array(card["permutations"], dtype=np.int64)
     else:
-        config = PretrainConfig(data=list(args.volume), out=args.out, task=args.task, **data_settings(args))
-        if config.task not in tasks.PUZZLE_TASKS:
-            record = puzzleview.write_task_sample(list(args.volume), Path(args.out), config, args.seed)
+        config = settings.pretraining()
+        if config.task not in taskspec.PUZZLE_TASKS:
+            with atomic_folder(out, last=puzzleview.TASK_OUTPUTS["sample"]) as folder:  # the set, or nothing
+                puzzleview.write_task_sample(list(settings.volume), folder, config, settings.seed)
             for kind, name in puzzleview.TASK_OUTPUTS.items():
-                if (Path(args.out) / name).exists():
-                    reporter.artifact(str(Path(args.out) / name), kind)
+                if (out / name).exists():
+                    reporter.artifact(str(out / name), kind)
             reporter.done("ok", EXIT_OK, task=config.task)
             return EXIT_OK
         spec = config.puzzle
         table = puzzle.permutation_table(spec.num_cubes, spec.num_permutations, spec.permutation_seed)
-    record = puzzleview.write_puzzle(list(args.volume), Path(args.out), config, table, args.seed, model)
+    with atomic_folder(out, last=puzzleview.OUTPUTS["puzzle"]) as folder:  # the set, or nothing
+        record = puzzleview.write_puzzle(list(settings.volume), folder, config, table, settings.seed, model)
     for kind, name in puzzleview.OUTPUTS.items():
-        reporter.artifact(str(Path(args.out) / name), kind)
+        reporter.artifact(str(out / name), kind)
     summary = {"permutation_index": record["permutation_index"]}
     if "prediction" in record:
         prediction = record["prediction"]
         summary.update(order_correct=prediction["order_correct"],
                        cubes_placed_correctly=sum(prediction["cube_placed_correctly"]),
                        cubes_oriented_correctly=sum(prediction["cube_oriented_correctly"]))
-    reporter.log(f"wrote {args.out}: " + json.dumps(summary))
+    reporter.log(f"wrote {out}: " + json.dumps(summary))
     reporter.done("ok", EXIT_OK, **summary)
     return EXIT_OK
 
 
-def finetune_config(args: argparse.Namespace):
-    """A FinetuneConfig from the finetune options; a pretrained --init brings its own encoder widths."""
-    from RubikSSLLib import checkpoint, finetune, labeled, transfer
-    from RubikSSLLib.intensity import IntensityRecipe
-    from RubikSSLLib.networks import EncoderConfig
+def finetune_config(values: dict):
+    """A FinetuneConfig from option values; a pretrained --init brings its own encoder widths, depths and norm
+    (read from its model card's header, not its weights)."""
+    from RubikSSLLib import checkpoint, labeled, transfer
+    from RubikSSLLib.config import EncoderConfig, FinetuneConfig, settings_from_json
+    from RubikSSLLib.options import build
 
-    first = labeled.resolve(args.train[0], "train").cases
+    first = labeled.resolve(values["train"][0], "train").cases
     channels = len(first[0].image.channels) if first and not first[0].image.npz_key else 1
-    encoder = EncoderConfig(channels, args.widths, (1,) + (2,) * (len(args.widths) - 1))
-    if args.init != "scratch":
-        pretrained = checkpoint.load_model(transfer.pretrained_model_file(args.init))[1]["config"]["encoder"]
-        encoder = EncoderConfig(channels, tuple(pretrained["widths"]), tuple(pretrained["depths"]), pretrained["norm"])
-    return finetune.FinetuneConfig(
-        task=args.task, train=list(args.train), val=list(args.val), out=args.out, init=args.init,
-        label_fraction=args.label_fraction, decoder=args.decoder, freeze_epochs=args.freeze_epochs, epochs=args.epochs,
-        warmup_epochs=args.warmup_epochs, encoder_lr_factor=args.encoder_lr_factor, recalibrate_bn=args.recalibrate_bn,
-        lr_schedule=args.lr_schedule,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, patch_size=args.patch_size,
-        iterations_per_epoch=args.iterations_per_epoch, spacing_mm=args.spacing,
-        intensity=IntensityRecipe(args.intensity), encoder=encoder, seed=args.seed, device=args.device,
-    )
+    encoder = values.setdefault("encoder", {})
+    encoder["in_channels"] = channels
+    if values.get("init", "scratch") != "scratch":
+        path = transfer.pretrained_model_file(values["init"])
+        card = checkpoint.read_card(path)
+        try:
+            pretrained = settings_from_json(EncoderConfig, card["config"]["encoder"])
+        except (KeyError, TypeError) as error:
+            raise BadInput(f"{path}: its model card has no encoder settings ({error}); point --init to a run of "
+                           "rubikssl pretrain") from None
+        encoder.update(widths=pretrained.widths, depths=pretrained.depths, norm=pretrained.norm)
+    base = FinetuneConfig(task=values["task"], train=list(values["train"]), val=list(values["val"]), out=values["out"])
+    return build(FinetuneConfig, values, base)
 
 
 def run_finetune(args: argparse.Namespace, reporter: Reporter) -> int:
     from RubikSSLLib import finetune, rundir
+    from RubikSSLLib.config import FinetuneConfig
 
-    stored = Path(args.out) / rundir.CONFIG
-    if args.resume and stored.exists():
-        config = finetune.FinetuneConfig.from_json(json.loads(stored.read_text(encoding="utf-8")))
-        config.epochs, config.device = args.epochs, args.device  # the run's own settings; budget and device may change
+    values = given(args)
+    if args.resume and (Path(args.out) / rundir.CONFIG).exists():
+        config = resumed(FinetuneConfig, args.out, values, ("epochs", "device"))
     else:
-        config = finetune_config(args)
+        config = finetune_config(values)
     metrics = finetune.Finetuning(config, reporter, resume=args.resume).run()
     reporter.done("ok", EXIT_OK, **metrics)
     return EXIT_OK
 
 
 def run_evaluate(args: argparse.Namespace, reporter: Reporter) -> int:
-    from RubikSSLLib import evaluate
+    import dataclasses
 
-    if args.init == "scratch":
+    from RubikSSLLib import evaluate
+    from RubikSSLLib.config import EvaluateConfig
+    from RubikSSLLib.options import build
+
+    values = given(args)
+    settings = build(EvaluateConfig, {f.name: values.pop(f.name) for f in dataclasses.fields(EvaluateConfig)
+                                      if f.name in values})
+    if values.get("init", "scratch") == "scratch":
         raise BadInput("--init must name a pretraining run folder: evaluate compares it with training from scratch")
-    base = finetune_config(argparse.Namespace(**{**vars(args), "out": str(Path(args.out) / "runs")}))
-    summary = evaluate.run_evaluation(base, args.init, args.fractions, list(range(args.seeds)), Path(args.out), reporter,
-                                      args.last_epochs)
-    reporter.log((Path(args.out) / "results.md").read_text(encoding="utf-8"))
-    reporter.artifact(str(Path(args.out) / "results.md"), "table")
-    reporter.artifact(str(Path(args.out) / "results.png"), "plot")
+    out = Path(values["out"])
+    base = finetune_config({**values, "out": str(out / "runs")})
+    summary = evaluate.run_evaluation(base, values["init"], settings.fractions, list(range(settings.seeds)), out,
+                                      reporter, settings.last_epochs)
+    reporter.log((out / "results.md").read_text(encoding="utf-8"))
+    reporter.artifact(str(out / "results.md"), "table")
+    reporter.artifact(str(out / "results.png"), "plot")
     reporter.done("ok", EXIT_OK, summary=summary)
     return EXIT_OK
 
 
 def run_segment(args: argparse.Namespace, reporter: Reporter) -> int:
     from RubikSSLLib import predict
+    from RubikSSLLib.config import SegmentConfig
+    from RubikSSLLib.options import build
 
-    summary = predict.segment(args.model, list(args.volume), args.out)
+    settings = build(SegmentConfig, given(args))
+    summary = predict.segment(settings.model, list(settings.volume), settings.out, device=settings.device)
     reporter.artifact(summary["segmentation"], "segmentation")
     reporter.artifact(summary["labelmap"], "labelmap")
     reporter.log(f"wrote {summary['segmentation']}: voxels per segment {json.dumps(summary['voxels'])}")
@@ -302,9 +216,12 @@ def run_segment(args: argparse.Namespace, reporter: Reporter) -> int:
 
 def run_classify(args: argparse.Namespace, reporter: Reporter) -> int:
     from RubikSSLLib import predict
+    from RubikSSLLib.config import ClassifyConfig
+    from RubikSSLLib.options import build
 
-    result = predict.classify(args.model, list(args.volume), args.out)
-    reporter.artifact(args.out, "classification")
+    settings = build(ClassifyConfig, given(args))
+    result = predict.classify(settings.model, list(settings.volume), settings.out, device=settings.device)
+    reporter.artifact(settings.out, "classification")
     reporter.log(f"{result['predicted']}: " + json.dumps(result["probabilities"]))
     reporter.done("ok", EXIT_OK, predicted=result["predicted"], probabilities=result["probabilities"])
     return EXIT_OK
@@ -375,6 +292,13 @@ def run_demo(args: argparse.Namespace, reporter: Reporter) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     reporter = Reporter(args.progress, enabled=os.environ.get("RANK", "0") == "0")  # torchrun: rank 0 speaks
+    with stopping.cancel_on_signal(), warnings.catch_warnings():
+        warnings.showwarning = lambda message, category, *rest: reporter.log(f"warning: {message}")
+        return run(args, reporter)
+
+
+def run(args: argparse.Namespace, reporter: Reporter) -> int:
+    """The command's handler, with every way it can end turned into an exit code and at most one error line."""
     try:
         return args.handler(args, reporter)
     except BadInput as error:

@@ -1,5 +1,10 @@
-"""The typed configuration of a pretraining run. The command line and the Slicer panel both build it;
-it is saved as RUN_DIR/config.json and inside every model card."""
+"""The typed configuration of every command: pretrain, finetune, evaluate, puzzle, segment, classify.
+
+The command line derives its options from these fields (RubikSSLLib.options), and the Slicer panel can build the
+same objects, so both meet the same checks and the same one-line messages. Training configs are saved as
+RUN_DIR/config.json and inside every model card. Imports neither torch nor MONAI.
+Sizes are voxels (z, y, x); spacings are isotropic millimetres (None = the file's own grid).
+"""
 
 from __future__ import annotations
 
@@ -7,83 +12,322 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ClassVar
 
+from RubikSSLLib import taskspec
 from RubikSSLLib.errors import BadInput
+from RubikSSLLib.files import check_output_file, check_output_folder
 from RubikSSLLib.intensity import IntensityRecipe
-from RubikSSLLib.networks import EncoderConfig
+from RubikSSLLib.options import DERIVED, build, check_range, float_list, int_list, option, spacing, voxel_triple
 from RubikSSLLib.puzzle import PuzzleSpec
+
+DEVICES = "auto, cpu, cuda or cuda:N"
+MAX_LEARNING_RATE = 1.0  # Adam and SGD diverge far below this on every network here
+MAX_SIZE = 1024  # voxels per axis of a patch, and channels per encoder stage
 
 
 def settings_from_json(cls: type, data: dict):
     """A settings dataclass (PuzzleSpec, EncoderConfig, IntensityRecipe) from its JSON form, where tuples became lists."""
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+    known = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known})
 
 
-@dataclass
-class PretrainConfig:
-    """All settings of `rubikssl pretrain`. Sizes are voxels (z, y, x); spacing_mm is isotropic, None = native."""
+def check_device(device: str) -> None:
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise BadInput(f"--device {device}: use {DEVICES}")
 
-    data: list[str]
-    out: str
-    task: str = "rubik"
-    puzzle: PuzzleSpec = field(default_factory=PuzzleSpec)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    intensity: IntensityRecipe = field(default_factory=IntensityRecipe)
-    spacing_mm: float | None = 2.0
-    canonical_orientation: bool = True
-    skip_unusable: bool = False
-    steps: int = 2000
-    batch_size: int = 8
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_steps: int = 100
-    min_learning_rate_factor: float = 0.01
-    val_fraction: float = 0.2
-    val_puzzles: int = 128
-    eval_every: int = 250
-    progress_every: int = 5
-    bn_recalibration_batches: int = 16
-    seed: int = 0
-    device: str = "auto"
-    precision: str = "auto"
-    workers: int = -1
+
+def check_sizes(flag: str, values: tuple[int, ...], low: int = 1, high: int = MAX_SIZE) -> None:
+    if not values or any(not isinstance(v, int) or not low <= v <= high for v in values):
+        raise BadInput(f"{flag} {','.join(map(str, values))}: each value must be a whole number from {low} to {high}")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """VGG-style 3D encoder: stage 0 is a stride-2 stem (3x faster on CPU than a full-resolution first conv),
+    later stages max-pool by 2 then run `depths[s]` 3x3x3 conv + norm + ReLU blocks (default: 1, then 2 each)."""
+
+    in_channels: int = 1
+    widths: tuple[int, ...] = field(default=(16, 32, 64, 128), metadata=option(
+        "encoder channels per stage; a pretrained --init brings its own", parse=int_list, metavar="W,W,..."))
+    depths: tuple[int, ...] | None = field(default=None, metadata={DERIVED: True})
+    norm: str = field(default="batch", metadata=option("encoder normalisation", choices=("batch", "instance", "group")))
 
     def __post_init__(self) -> None:
-        checks = {
-            "steps": self.steps >= 1, "batch_size": self.batch_size >= 2, "learning_rate": self.learning_rate > 0,
-            "val_fraction": 0 <= self.val_fraction < 1, "val_puzzles": self.val_puzzles >= 1,
-            "eval_every": self.eval_every >= 1, "spacing_mm": self.spacing_mm is None or self.spacing_mm > 0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise BadInput(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; see rubikssl pretrain --help")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise BadInput(f"--device {self.device}: use auto, cpu or cuda")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise BadInput(f"--precision {self.precision}: use auto, fp32, bf16 or fp16")
-        from RubikSSLLib import tasks
+        check_sizes("--widths", tuple(self.widths))
+        if not 1 <= len(self.widths) <= 6:
+            raise BadInput(f"--widths {','.join(map(str, self.widths))}: give 1 to 6 stages")
+        if self.depths is None:
+            object.__setattr__(self, "depths", (1,) + (2,) * (len(self.widths) - 1))
+        if len(self.widths) != len(self.depths) or min(self.depths) < 1:
+            raise BadInput(f"encoder widths {self.widths} and depths {self.depths} need one positive depth per stage")
+        if not isinstance(self.in_channels, int) or not 1 <= self.in_channels <= 64:
+            raise BadInput(f"encoder input channels {self.in_channels}: give 1 to 64 channel files per case")
+        if self.norm not in ("batch", "instance", "group"):
+            raise BadInput(f"--norm {self.norm}: use batch, instance or group")
 
-        tasks.parse(self.task)  # refuses unknown names and bad weights
-        smallest = 2 ** len(self.encoder.widths)  # the stem and every later stage halve the cube
-        if min(self.puzzle.cube_size) < smallest:
-            raise BadInput(f"--cube-size {min(self.puzzle.cube_size)} is too small for a {len(self.encoder.widths)}-stage "
-                           f"encoder: use at least {smallest}, or fewer --widths")
+    @property
+    def downsampling(self) -> int:
+        """The stem and every later stage halve the input: sizes must be multiples of this."""
+        return 2 ** len(self.widths)
+
+
+class JsonConfig:
+    """to_json / from_json / read for the configs saved in run folders and model cards."""
+
+    NESTED: dict[str, type] = {}
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict) -> PretrainConfig:
-        data = dict(data)
-        data["puzzle"] = settings_from_json(PuzzleSpec, data["puzzle"])
-        data["encoder"] = settings_from_json(EncoderConfig, data["encoder"])
-        data["intensity"] = settings_from_json(IntensityRecipe, data["intensity"])
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_json(cls, data: dict):
+        if not isinstance(data, dict):
+            raise BadInput(f"a {cls.__name__} must be a JSON object")
+        data = {**data, **{name: settings_from_json(kind, data[name]) for name, kind in cls.NESTED.items() if name in data}}
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) and "tuple" in str(known[k].type) else v
+                      for k, v in data.items() if k in known})
 
     @classmethod
-    def read(cls, path: Path) -> PretrainConfig:
+    def from_card(cls, card: dict, path: Path, command: str):
+        """The config inside a model card; a card without one, or with a broken one, is one line naming `path`."""
+        if not isinstance(card.get("config"), dict):
+            raise BadInput(f"{path}: its model card lacks config; give a model written by rubikssl {command}")
+        try:
+            return cls.from_json(card["config"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise BadInput(f"{path}: its model card's config is incomplete ({type(error).__name__}: {error}); "
+                           f"give a model written by rubikssl {command}") from None
+
+    @classmethod
+    def read(cls, path: Path):
+        """The config stored in a run folder; a broken or foreign file is one line naming it."""
         try:
             return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise BadInput(f"{path}: unreadable run config ({error}); start a new run instead of --resume") from None
+        except BadInput as error:
+            raise BadInput(f"{path}: {error}; start a new run instead of --resume") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise BadInput(f"{path}: unreadable or foreign run config ({type(error).__name__}: {str(error)[:100]}); "
+                           "start a new run instead of --resume") from None
+
+
+@dataclass
+class PretrainConfig(JsonConfig):
+    """All settings of `rubikssl pretrain`."""
+
+    NESTED = {"puzzle": PuzzleSpec, "encoder": EncoderConfig, "intensity": IntensityRecipe}
+
+    data: list[str] = field(metadata=option("volume files, folders, datalist .json, nnU-Net folder, .npz"))
+    out: str = field(metadata=option("run folder (checkpoints, model, metrics)"))
+    task: str = field(default="rubik", metadata=option(
+        f"pretext task: {', '.join(taskspec.names())}, or several on one encoder as rubik,mae or with loss weights "
+        "rubik=1,mae=0.5; jigsaw takes --grid 2|3", metavar="TASK[,TASK...]"))
+    puzzle: PuzzleSpec = field(default_factory=PuzzleSpec)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    intensity: IntensityRecipe = field(default_factory=IntensityRecipe)
+    spacing_mm: float | None = field(default=2.0, metadata=option(
+        "resample to this isotropic mm, or 'native'", flag="--spacing", parse=spacing))
+    canonical_orientation: bool = True
+    skip_unusable: bool = field(default=False, metadata=option(
+        "leave out (and report) volumes that cannot be used instead of stopping"))
+    steps: int = field(default=2000, metadata=option("training steps"))
+    batch_size: int = field(default=8, metadata=option("puzzles per step"))
+    learning_rate: float = field(default=1e-3, metadata=option("peak learning rate (Adam)"))
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_learning_rate_factor: float = 0.01
+    val_fraction: float = 0.2
+    val_puzzles: int = field(default=128, metadata=option("fixed held-out samples per evaluation"))
+    eval_every: int = field(default=250, metadata=option("steps between validation + checkpoint"))
+    progress_every: int = 5
+    bn_recalibration_batches: int = 16
+    seed: int = field(default=0, metadata=option("random seed"))
+    device: str = field(default="auto", metadata=option(DEVICES))
+    precision: str = field(default="auto", metadata=option("autocast precision", choices=("auto", "fp32", "bf16", "fp16")))
+    workers: int = field(default=-1, metadata=option("DataLoader workers (-1: 0 on CPU, 4 on CUDA)"))
+
+    def __post_init__(self) -> None:
+        check_range("steps", self.steps, 1, 1e9)
+        check_range("batch_size", self.batch_size, 2, 4096)
+        check_range("learning_rate", self.learning_rate, 0, MAX_LEARNING_RATE, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0, 1)
+        check_range("warmup_steps", self.warmup_steps, 0, 1e9)
+        check_range("val_fraction", self.val_fraction, 0, 0.9)
+        check_range("val_puzzles", self.val_puzzles, 1, 1e6)
+        check_range("eval_every", self.eval_every, 1, 1e9)
+        check_range("spacing", self.spacing_mm, 0.05, 50)
+        check_range("workers", self.workers, -1, 256)
+        check_range("seed", self.seed, 0, 2**63 - 1)
+        check_device(self.device)
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise BadInput(f"--precision {self.precision}: use auto, fp32, bf16 or fp16")
+        if not isinstance(self.data, list) or not all(isinstance(item, str) for item in self.data):
+            raise BadInput("--data: give volume files, folders, a datalist .json, an nnU-Net folder or an .npz")
+        taskspec.parse(self.task)  # refuses unknown names and bad weights
+        smallest = self.encoder.downsampling
+        if min(self.puzzle.cube_size) < smallest:
+            raise BadInput(f"--cube-size {min(self.puzzle.cube_size)} is too small for a {len(self.encoder.widths)}-stage "
+                           f"encoder: use at least {smallest}, or fewer --widths")
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> PretrainConfig:
+        """From nested option values (what `options.given` returns, or what the panel sets): the task's own
+        default crop (taskspec.default_puzzle) unless cube settings are given."""
+        task = values.get("task", "rubik")
+        taskspec.parse(task)
+        puzzle = taskspec.default_puzzle(task, values.get("puzzle", {}).get("grid"))
+        return build(cls, values, cls(data=list(values.get("data", [])), out=str(values.get("out", "")), task=task,
+                                      puzzle=puzzle))
+
+
+@dataclass
+class FinetuneConfig(JsonConfig):
+    """Settings of `rubikssl finetune`."""
+
+    NESTED = {"encoder": EncoderConfig, "intensity": IntensityRecipe}
+
+    task: str = field(metadata=option("what the model predicts", choices=("classify", "segment")))
+    train: list[str] = field(metadata=option("datalist .json, .npz archive or nnU-Net folder"))
+    val: list[str] = field(metadata=option("the same kinds; a datalist gives its 'validation' list"))
+    out: str = field(metadata=option("run folder"))
+    init: str = field(default="scratch", metadata=option("a pretraining run folder, or 'scratch'"))
+    label_fraction: float = field(default=1.0, metadata=option("use this fraction of the training cases"))
+    decoder: str = field(default="unet", metadata=option("segmentation decoder", choices=("unet", "duc")))
+    freeze_epochs: int = field(default=0, metadata=option("epochs with a frozen encoder before full fine-tuning"))
+    warmup_epochs: float = field(default=0.0, metadata=option("linear learning-rate warm-up, in epochs"))
+    encoder_lr_factor: float = field(default=1.0, metadata=option(
+        "the encoder's learning rate relative to --learning-rate (e.g. 0.1)"))
+    lr_schedule: str = field(default="constant", metadata=option(
+        "after the warm-up: constant, or a cosine decay to 0 at the last epoch", choices=("constant", "cosine")))
+    epochs: int = field(default=20, metadata=option("epochs"))
+    batch_size: int = field(default=8, metadata=option("cases or patches per step"))
+    learning_rate: float = field(default=3e-4, metadata=option("learning rate (Adam)"))
+    patch_size: tuple[int, int, int] = field(default=(64, 64, 64), metadata=option(
+        "segmentation patch / classification input, N or z,y,x", parse=voxel_triple))
+    iterations_per_epoch: int | None = field(default=None, metadata=option(
+        "steps per epoch", parse=int, default_note="one pass over the cases; 4 patches a case for segmentation"))
+    spacing_mm: float | None = field(default=None, metadata=option(
+        "isotropic mm, or native", flag="--spacing", parse=spacing))
+    canonical_orientation: bool = True
+    intensity: IntensityRecipe = field(default_factory=IntensityRecipe)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    recalibrate_bn: bool = field(default=True, metadata=option(
+        "keep the pretrained BatchNorm statistics instead of re-estimating them on the target data",
+        flag="--no-bn-recalibration"))
+    seed: int = field(default=0, metadata=option("random seed"))
+    device: str = field(default="auto", metadata=option(DEVICES))
+
+    def __post_init__(self) -> None:
+        if self.task not in ("classify", "segment"):
+            raise BadInput(f"--task {self.task}: use classify or segment")
+        if self.decoder not in ("unet", "duc"):
+            raise BadInput(f"--decoder {self.decoder}: use unet or duc")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise BadInput(f"--lr-schedule {self.lr_schedule}: use constant or cosine")
+        check_range("epochs", self.epochs, 1, 1e6)
+        check_range("iterations_per_epoch", self.iterations_per_epoch, 1, 1e7)
+        check_range("batch_size", self.batch_size, 1, 4096)
+        check_range("learning_rate", self.learning_rate, 0, MAX_LEARNING_RATE, low_open=True)
+        check_range("freeze_epochs", self.freeze_epochs, 0, 1e6)
+        check_range("warmup_epochs", self.warmup_epochs, 0, 1e6)
+        check_range("encoder_lr_factor", self.encoder_lr_factor, 0, 1000, low_open=True)
+        check_range("label_fraction", self.label_fraction, 0, 1, low_open=True)
+        check_range("spacing", self.spacing_mm, 0.05, 50)
+        check_range("seed", self.seed, 0, 2**63 - 1)
+        check_device(self.device)
+        self.patch_size = tuple(self.patch_size)
+        factor = self.encoder.downsampling
+        check_sizes("--patch-size", self.patch_size, low=factor)
+        if self.task == "segment" and any(p % factor for p in self.patch_size):
+            raise BadInput(f"--patch-size {self.patch_size}: each size must be a multiple of {factor} for this encoder")
+        for name in ("train", "val"):
+            items = getattr(self, name)
+            if not isinstance(items, list) or not items or not all(isinstance(item, str) for item in items):
+                raise BadInput(f"--{name}: give a datalist .json, an .npz archive or an nnU-Net dataset folder")
+
+
+    @classmethod
+    def from_json(cls, data: dict) -> FinetuneConfig:
+        if isinstance(data, dict) and data.get("iterations_per_epoch") == 0:
+            data = {**data, "iterations_per_epoch": None}  # configs written before 0.2 say 0 for "automatic"
+        return super().from_json(data)
+
+
+@dataclass
+class EvaluateConfig:
+    """What `rubikssl evaluate` adds to the fine-tuning settings it runs for each init, fraction and seed."""
+
+    fractions: list[float] = field(default_factory=lambda: [0.1, 0.25, 1.0], metadata=option(
+        "label fractions", parse=float_list, metavar="F,F,..."))
+    seeds: int = field(default=5, metadata=option("paired seeds 0 .. N-1 (5 or more for any claim)"))
+    last_epochs: int = field(default=3, metadata=option("a run's score: mean of its last N epochs"))
+
+    def __post_init__(self) -> None:
+        for fraction in self.fractions:
+            check_range("fractions", fraction, 0, 1, low_open=True)
+        check_range("seeds", self.seeds, 1, 1000)
+        check_range("last_epochs", self.last_epochs, 1, 1e6)
+
+
+@dataclass
+class PuzzleConfig:
+    """Settings of `rubikssl puzzle`: scramble one case (and solve it with a model) for viewing."""
+
+    volume: list[str] = field(metadata=option("the channel files of one case"))
+    out: str = field(metadata=option("output folder"))
+    model: str | None = field(default=None, metadata=option("a pretraining run folder: also record its solution"))
+    task: str = field(default="rubik", metadata=option(
+        "show this pretext task's sample (tasks other than rubik, rubik+, jigsaw: input and target volumes)",
+        choices=tuple(taskspec.names())))
+    puzzle: PuzzleSpec = field(default_factory=PuzzleSpec)
+    intensity: IntensityRecipe = field(default_factory=IntensityRecipe)
+    spacing_mm: float | None = field(default=2.0, metadata=option(
+        "resample to this isotropic mm, or 'native'", flag="--spacing", parse=spacing))
+    seed: int = field(default=0, metadata=option("random seed"))
+
+    def __post_init__(self) -> None:
+        check_range("spacing", self.spacing_mm, 0.05, 50)
+        check_range("seed", self.seed, 0, 2**63 - 1)
+        check_output_folder(self.out)
+
+    @classmethod
+    def from_values(cls, values: dict[str, Any]) -> PuzzleConfig:
+        task = values.get("task", "rubik")
+        puzzle = taskspec.default_puzzle(task, values.get("puzzle", {}).get("grid"))
+        return build(cls, values, cls(volume=list(values.get("volume", [])), out=str(values.get("out", "")),
+                                      task=task, puzzle=puzzle))
+
+    def pretraining(self) -> PretrainConfig:
+        """The pretraining settings that cut this puzzle (the data is the one case)."""
+        return PretrainConfig(data=list(self.volume), out=self.out, task=self.task, puzzle=self.puzzle,
+                              intensity=self.intensity, spacing_mm=self.spacing_mm)
+
+
+@dataclass
+class InferenceConfig:
+    """Settings of `rubikssl segment` and `rubikssl classify`."""
+
+    model: str = field(metadata=option("a fine-tuning run folder (or its model.safetensors)"))
+    volume: list[str] = field(metadata=option("the channel files of one case"))
+    out: str = field(metadata=option("result file"))
+    device: str = field(default="auto", metadata=option(DEVICES))
+
+    SUFFIX: ClassVar[tuple[str, str]] = ("", "")  # what the result's name must end with, and why
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        suffix, why = self.SUFFIX
+        if not self.out.endswith(suffix):
+            raise BadInput(f"--out {self.out}: name the result <name>{suffix} ({why})")
+        check_output_file(self.out)
+
+
+@dataclass
+class SegmentConfig(InferenceConfig):
+    SUFFIX = (".seg.nrrd", "Slicer's segmentation format; a .labels.nrrd labelmap is written beside it")
+
+
+@dataclass
+class ClassifyConfig(InferenceConfig):
+    pass

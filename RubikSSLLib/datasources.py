@@ -11,6 +11,8 @@ import functools
 import hashlib
 import json
 import re
+import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +130,7 @@ def open_npz(path: str) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as archive:
             return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError, EOFError) as error:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise BadInput(f"{path}: not a readable .npz archive ({error}); re-download or re-save it") from None
 
 

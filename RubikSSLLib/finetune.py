@@ -6,9 +6,8 @@ recipe-mapped intensities rescaled to [-1, 1], the range the encoder saw on its 
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -17,72 +16,20 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, MeanIoU, compute_roc_auc
 from torch import nn
 
-from RubikSSLLib import checkpoint, intensity, labeled, models, rundir, transfer
-from RubikSSLLib.config import settings_from_json
+from RubikSSLLib import checkpoint, labeled, models, preprocess, rundir, transfer
+from RubikSSLLib.config import FinetuneConfig
 from RubikSSLLib.errors import BadInput, Cancelled
 from RubikSSLLib.files import write_json_atomic
-from RubikSSLLib.intensity import IntensityRecipe
-from RubikSSLLib.networks import EncoderConfig, channels_last
+from RubikSSLLib.networks import channels_last
+from RubikSSLLib.preprocess import fit_to_size, to_network_range
 from RubikSSLLib.progress import Reporter
-from RubikSSLLib.volumes import image_from_array
-from RubikSSLLib.training import StopSignal, recalibrate_batchnorm, select_device, versions
+from RubikSSLLib.volumes import Grid
+from RubikSSLLib.devices import select_device
+from RubikSSLLib.stopping import StopSignal
+from RubikSSLLib.training import recalibrate_batchnorm, versions
 
 PALETTE = [(0.90, 0.30, 0.24), (0.18, 0.55, 0.34), (0.20, 0.44, 0.80), (0.95, 0.77, 0.06), (0.56, 0.27, 0.68),
            (0.10, 0.74, 0.74), (0.90, 0.49, 0.13), (0.61, 0.35, 0.71), (0.36, 0.68, 0.89), (0.83, 0.33, 0.55)]
-
-
-@dataclass
-class FinetuneConfig:
-    """Settings of `rubikssl finetune`. Sizes are voxels (z, y, x); spacing_mm is isotropic (None = native)."""
-
-    task: str
-    train: list[str]
-    val: list[str]
-    out: str
-    init: str = "scratch"
-    label_fraction: float = 1.0
-    decoder: str = "unet"
-    freeze_epochs: int = 0
-    warmup_epochs: float = 0.0  # linear learning-rate warm-up from 0, counted in epochs of iterations
-    encoder_lr_factor: float = 1.0  # the encoder's learning rate is learning_rate x this
-    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" decay to 0 at the last step
-    epochs: int = 20
-    batch_size: int = 8
-    learning_rate: float = 3e-4
-    patch_size: tuple[int, int, int] = (64, 64, 64)
-    iterations_per_epoch: int = 0  # 0: one pass over the training cases (classification), 4 patches per case (segmentation)
-    spacing_mm: float | None = None
-    canonical_orientation: bool = True
-    intensity: IntensityRecipe = field(default_factory=IntensityRecipe)
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    recalibrate_bn: bool = True
-    seed: int = 0
-    device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.task not in ("classify", "segment"):
-            raise BadInput(f"--task {self.task}: use classify or segment")
-        if self.decoder not in ("unet", "duc"):
-            raise BadInput(f"--decoder {self.decoder}: use unet or duc")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise BadInput(f"--lr-schedule {self.lr_schedule}: use constant or cosine")
-        if self.warmup_epochs < 0 or self.encoder_lr_factor <= 0:
-            raise BadInput("--warmup-epochs must be >= 0 and --encoder-lr-factor > 0")
-        if not 0 < self.label_fraction <= 1:
-            raise BadInput(f"--label-fraction {self.label_fraction}: give a fraction in (0, 1]")
-        factor = 2 ** len(self.encoder.widths)
-        if self.task == "segment" and any(p % factor for p in self.patch_size):
-            raise BadInput(f"--patch-size {self.patch_size}: each size must be a multiple of {factor} for this encoder")
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> FinetuneConfig:
-        data = {**data, "encoder": settings_from_json(EncoderConfig, data["encoder"]),
-                "intensity": settings_from_json(IntensityRecipe, data["intensity"]), "patch_size": tuple(data["patch_size"])}
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 @dataclass
@@ -96,23 +43,15 @@ class Case:
     foreground: np.ndarray | None = None
 
 
-def to_network_range(image: np.ndarray, recipe: IntensityRecipe) -> np.ndarray:
-    """(C, Z, Y, X) raw -> float32 in [-1, 1] with the case's own fitted intensity map."""
-    return intensity.fit(image, recipe).apply(image) * 2.0 - 1.0
-
-
-def fit_to_size(array: np.ndarray, size: tuple[int, ...], fill: float) -> np.ndarray:
-    """Centre-crop or pad the last len(size) axes of `array` to `size`."""
-    for axis, wanted in zip(range(array.ndim - len(size), array.ndim), size):
-        have = array.shape[axis]
-        if have > wanted:
-            start = (have - wanted) // 2
-            array = np.take(array, range(start, start + wanted), axis=axis)
-        elif have < wanted:
-            padding = [(0, 0)] * array.ndim
-            padding[axis] = ((wanted - have) // 2, wanted - have - (wanted - have) // 2)
-            array = np.pad(array, padding, constant_values=fill)
-    return array
+def check_label_kinds(cases: list[labeled.LabeledSource], task: str) -> None:
+    """Classification needs a class number per case, segmentation a label map file: say which data was given."""
+    for case in cases:
+        if task == "classify" and isinstance(case.label, str):
+            raise BadInput(f"{case.name}: its label is a label map file ({case.label}), which is segmentation data; "
+                           "use --task segment, or give class numbers as labels")
+        if task == "segment" and not isinstance(case.label, str):
+            raise BadInput(f"{case.name}: its label is the class number {case.label}, which is classification data; "
+                           "use --task classify, or give a label map file as 'label'")
 
 
 def choose_fraction(cases: list[labeled.LabeledSource], fraction: float, seed: int) -> list[labeled.LabeledSource]:
@@ -149,14 +88,8 @@ class Finetuning:
                 continue
             if not isinstance(source.label, str):
                 raise BadInput(f"{source.name}: segmentation needs a label map file as 'label'")
-            grid = image_from_array(np.zeros(volume.array.shape[1:], np.uint8), volume.geometry)
-            label = labeled.load_label_map(source.label, source.image.channels[0], grid)
-            if label.shape != image.shape[1:]:
-                raise RuntimeError(f"{source.label}: label grid {label.shape} != image grid {image.shape[1:]}")
-            unknown = sorted(set(np.unique(label).tolist()) - set(values))  # also catches negative values
-            if unknown:
-                raise BadInput(f"{source.label}: holds label values {unknown[:5]} outside the classes {sorted(values)}; "
-                               "fix the label map or declare the classes in the datalist's 'labels'")
+            grid = Grid(image.shape[1:], volume.geometry)
+            label = labeled.load_label_map(source.label, source.image.channels[0], grid, set(values))
             lookup = np.zeros(max(values) + 1, dtype=np.int64)
             lookup[list(values)] = list(values.values())
             indices = lookup[label]
@@ -202,17 +135,8 @@ class Finetuning:
 
     # ---- loop
     def run(self) -> dict[str, float]:
-        created = not self.run_dir.path.exists()
-        try:
-            with self.run_dir:
-                if self.run_dir.file(rundir.TRAINING_STATE).exists() and not self.resume:
-                    raise BadInput(f"{self.run_dir.path}: already holds a run; add --resume to continue it or choose another --out")
-                self.run_dir.clear_stop()
-                return self._train()
-        except BadInput:
-            if created:
-                self.run_dir.remove_if_empty()
-            raise
+        with self.run_dir.session(self.resume):
+            return self._train()
 
     def _train(self) -> dict[str, float]:
         config = self.config
@@ -224,8 +148,12 @@ class Finetuning:
         val_sources = [c for item in config.val for c in labeled.resolve(item, "val").cases]
         if not train_set.cases or not val_sources:
             raise BadInput("no labelled cases found in --train or --val; check the data")
+        check_label_kinds(train_set.cases + val_sources, config.task)
         self.values, self.names = self._class_values(train_set)
         if config.task == "classify":
+            if len(self.values) < 2:
+                raise BadInput(f"the training cases hold one class only ({self.names[0]}); classification needs "
+                               "examples of at least two classes in --train")
             unknown = sorted({int(c.label) for c in val_sources} - set(self.values))
             if unknown:
                 raise BadInput(f"validation classes {unknown} do not occur in training; check --val")
@@ -244,6 +172,7 @@ class Finetuning:
         if self.resume and state_path.exists():
             state = checkpoint.load_training_state(state_path, self.model, self.optimizer)
             self.epoch, self.best, self.history = state["epoch"], state["best"], state["history"]
+            self.run_dir.truncate_metrics("epoch", self.epoch)
             self.reporter.log(f"resumed {self.run_dir.path} at epoch {self.epoch}")
         elif config.init != "scratch" and config.recalibrate_bn:
             recalibrate_batchnorm(self.model.encoder, self._batches(), 8, self.device, key="image")
@@ -383,11 +312,12 @@ class Finetuning:
             self.best = dict(metrics)
         if metrics:
             self.run_dir.append_metrics(metrics)
-        state = {"epoch": self.epoch, "best": self.best, "history": self.history}
-        checkpoint.save_training_state(self.run_dir.file(rundir.TRAINING_STATE), self.model, self.optimizer, state)
+        # The model file first, the training state last: the state is the commit point a resume starts from.
         if is_best or not self.run_dir.file(rundir.BEST_MODEL).exists():
             checkpoint.save_model(self.run_dir.file(rundir.BEST_MODEL), self.model.state_dict(), self.card(metrics))
             self.reporter.artifact(str(self.run_dir.file(rundir.BEST_MODEL)), "model")
+        state = {"epoch": self.epoch, "best": self.best, "history": self.history}
+        checkpoint.save_training_state(self.run_dir.file(rundir.TRAINING_STATE), self.model, self.optimizer, state)
 
     def card(self, metrics: dict) -> dict:
         config = self.config
@@ -400,10 +330,7 @@ class Finetuning:
             "classes": [{"index": i, "value": v, "name": n, "color": list(PALETTE[(i - 1) % len(PALETTE)]) if i else [0, 0, 0]}
                         for (v, i), n in zip(self.values.items(), self.names)],
             "channels": [f"channel {i}" for i in range(config.encoder.in_channels)],
-            "normalisation": {"intensity": config.to_json()["intensity"], "spacing_mm": config.spacing_mm,
-                              "canonical_orientation": "LPS" if config.canonical_orientation else None,
-                              "network_range": "recipe-mapped [0, 1] rescaled to [-1, 1]",
-                              "input_size" if config.task == "classify" else "patch_size": list(config.patch_size)},
+            "normalisation": preprocess.recipe_card(config.to_json(), config.task),
             "init": {"source": config.init, **self.load_report},
             "data": {"train": self.chosen_names, "example": first_source},
             "metrics": metrics,

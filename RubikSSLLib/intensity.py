@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from RubikSSLLib.errors import BadInput
+from RubikSSLLib.options import option
 
 CT_DETECTION_HU = -500.0  # a volume whose 1st percentile is below this is taken as CT in HU
 
@@ -15,7 +16,9 @@ CT_DETECTION_HU = -500.0  # a volume whose 1st percentile is below this is taken
 class IntensityRecipe:
     """kind: auto (CT if the 1st percentile < -500, else MRI) | ct (HU window) | mri (percentile clip) | none."""
 
-    kind: str = "auto"
+    kind: str = field(default="auto", metadata=option(
+        "CT HU window [-1000, 1000] or MRI 0.5-99.5 percentile clip", flag="--intensity",
+        choices=("auto", "ct", "mri", "none")))
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     mri_percentiles: tuple[float, float] = (0.5, 99.5)
 

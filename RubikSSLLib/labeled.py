@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from RubikSSLLib import datasources
 from RubikSSLLib.errors import BadInput
-from RubikSSLLib.volumes import Geometry, Volume, geometry_of, load_case, read_image
+from RubikSSLLib.volumes import Geometry, Grid, Volume, geometry_of, load_case, read_image, resample_onto
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,18 @@ def _archive(path: Path, split: str) -> LabeledSet:
     images, labels = f"{split}_images", f"{split}_labels"
     if images not in arrays or labels not in arrays:
         raise BadInput(f"{path}: needs arrays '{images}' and '{labels}' for the {split} split")
-    values = np.asarray(arrays[labels]).reshape(len(arrays[labels]), -1)[:, 0]
+    if arrays[images].ndim != 4:
+        raise BadInput(f"{path}: array '{images}' has shape {arrays[images].shape}; expected (N, Z, Y, X) 3D volumes")
+    raw = np.asarray(arrays[labels])
+    if raw.ndim not in (1, 2) or (raw.ndim == 2 and raw.shape[1] != 1):
+        raise BadInput(f"{path}: array '{labels}' has shape {raw.shape}; expected one class number per image, (N,) or (N, 1)")
+    values = raw.reshape(-1)
     if len(values) != len(arrays[images]):
         raise BadInput(f"{path}: {len(arrays[images])} images but {len(values)} labels in the {split} split")
+    if values.dtype.kind not in "iub" and not (values.dtype.kind == "f" and np.all(np.isfinite(values))
+                                              and np.array_equal(values, np.round(values))):
+        raise BadInput(f"{path}: array '{labels}' holds non-integer class numbers (e.g. {values.flat[0]}); "
+                       "labels must be whole class numbers")
     cases = [LabeledSource(datasources.CaseSource((str(path),), images, i), int(v)) for i, v in enumerate(values)]
     return LabeledSet(cases, {})
 
@@ -68,17 +77,46 @@ def _datalist(path: Path, split: str) -> LabeledSet:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BadInput(f"{path}: not a readable datalist JSON ({error}); fix the file") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: a labelled datalist is a JSON object with a 'training' list, "
+                       f"not a {type(data).__name__}; see the README's datalist example")
     section = "training" if split == "train" or "validation" not in data else "validation"
+    entries = data.get(section, [])
+    if not isinstance(entries, list):
+        raise BadInput(f"{path}: '{section}' must be a list of {{\"image\": ..., \"label\": ...}} entries")
     cases = []
-    for entry in data.get(section, []):
+    for number, entry in enumerate(entries):
+        where = f"{path}: '{section}' entry {number}"
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise BadInput(f"{path}: every '{section}' entry needs an 'image' and a 'label'")
+            raise BadInput(f"{where} needs an 'image' and a 'label'")
         files = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
+        if not files or not all(isinstance(f, str) and f for f in files):
+            raise BadInput(f"{where}: 'image' must be a file path or a list of channel file paths, not {entry['image']!r}")
         image = datasources.CaseSource(tuple(str((path.parent / f).resolve()) for f in files))
         label = entry["label"]
+        if isinstance(label, bool) or not isinstance(label, (int, str)) or label == "":
+            raise BadInput(f"{where}: 'label' must be a class number or a label map path, not {label!r}")
         cases.append(LabeledSource(image, label if isinstance(label, int) else str((path.parent / label).resolve())))
-    names = {int(k): str(v) for k, v in data.get("labels", {}).items()}
-    return LabeledSet(cases, names)
+    return LabeledSet(cases, _class_names(data.get("labels", {}), path, value_to_name=True))
+
+
+def _class_names(labels: object, path: Path, value_to_name: bool) -> dict[int, str]:
+    """Class names from a datalist's {"1": "lesion"} or an nnU-Net dataset.json's {"lesion": 1}."""
+    if not isinstance(labels, dict):
+        raise BadInput(f"{path}: 'labels' must be an object such as {{\"1\": \"lesion\"}}, not {type(labels).__name__}")
+    names = {}
+    for key, value in labels.items():
+        number, name = (key, value) if value_to_name else (value, key)
+        try:
+            if isinstance(number, bool) or isinstance(number, float):
+                raise ValueError
+            names[int(number)] = str(name)
+        except (TypeError, ValueError):
+            if not value_to_name and isinstance(number, (list, dict)):
+                continue  # nnU-Net region labels ({"whole tumour": [1, 2, 3]}) name no single value
+            raise BadInput(f"{path}: label value {number!r} of {name!r} is not a whole number; "
+                           "give 'labels' as {\"1\": \"lesion\"}") from None
+    return names
 
 
 def _nnunet(folder: Path) -> LabeledSet:
@@ -91,8 +129,13 @@ def _nnunet(folder: Path) -> LabeledSet:
     names = {}
     dataset = folder / "dataset.json"
     if dataset.exists():
-        labels = json.loads(dataset.read_text(encoding="utf-8")).get("labels", {})
-        names = {int(v): str(k) for k, v in labels.items() if isinstance(v, int)}
+        try:
+            description = json.loads(dataset.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise BadInput(f"{dataset}: not a readable nnU-Net dataset.json ({error}); fix the file") from None
+        if not isinstance(description, dict):
+            raise BadInput(f"{dataset}: an nnU-Net dataset.json is a JSON object with 'labels'; fix the file")
+        names = _class_names(description.get("labels", {}), dataset, value_to_name=False)
     return LabeledSet(cases, names)
 
 
@@ -106,19 +149,26 @@ def _header(path: str) -> tuple[Geometry, tuple[int, ...]] | None:
     return Geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()), reader.GetSize()
 
 
-def load_label_map(path: str, image_source: str, grid: sitk.Image | None = None) -> np.ndarray:
-    """A label map (Z, Y, X) int64, refused if its grid differs from its image's file. With `grid` (the image's
-    processed grid: reoriented, resampled) it is put on that grid by nearest neighbour, voxel for voxel."""
+def load_label_map(path: str, image_source: str, grid: Grid | None = None,
+                   allowed: set[int] | None = None) -> np.ndarray:
+    """A label map (Z, Y, X) int64, refused if its grid differs from its image's file, or (with `allowed`) if it
+    holds values outside the classes. Values are checked on the file's own grid, before resampling could drop
+    stray voxels. With `grid` (the image's processed grid: reoriented, resampled) it is put on that grid by
+    nearest neighbour, voxel for voxel."""
     label = read_image(path)
     header = _header(image_source)
     if header is not None and (label.GetSize() != header[1] or not geometry_of(label).matches(header[0])):
         raise BadInput(f"{path}: label map geometry differs from its image {image_source}; resample the labels onto the image grid")
-    if grid is not None:
-        label = sitk.Resample(label, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
-    array = sitk.GetArrayFromImage(label)
-    if array.dtype.kind == "f":
-        if not np.all(np.isfinite(array)) or not np.array_equal(array, np.round(array)):
+    native = sitk.GetArrayViewFromImage(label)
+    if native.dtype.kind == "f":
+        if not np.all(np.isfinite(native)) or not np.array_equal(native, np.round(native)):
             raise BadInput(f"{path}: label map has non-integer values; labels must be whole class numbers")
+    if allowed is not None:
+        unknown = sorted(set(np.unique(native).astype(np.int64).tolist()) - allowed)  # also catches negative values
+        if unknown:
+            raise BadInput(f"{path}: holds label values {unknown[:5]} outside the classes {sorted(allowed)}; "
+                           "fix the label map or declare the classes in the datalist's 'labels'")
+    array = resample_onto(label, grid) if grid is not None else sitk.GetArrayFromImage(label)
     return array.astype(np.int64)
 
 

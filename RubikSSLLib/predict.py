@@ -5,98 +5,88 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import slicerio
 import torch
 from monai.inferers import sliding_window_inference
 
-from RubikSSLLib import checkpoint, models, rundir
+from RubikSSLLib import checkpoint, models, preprocess, rundir, taskspec
+from RubikSSLLib.config import FinetuneConfig
+from RubikSSLLib.devices import select_device
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.files import atomic_path, write_json_atomic
-from RubikSSLLib.config import settings_from_json
-from RubikSSLLib.finetune import FinetuneConfig, fit_to_size, to_network_range
-from RubikSSLLib.intensity import IntensityRecipe
 from RubikSSLLib.networks import channels_last
-from RubikSSLLib.volumes import geometry_of, image_from_array, load_case, read_image
+from RubikSSLLib.volumes import Geometry, write_volume
 
 
-def load_finetuned(run_or_file: str | Path, task: str) -> tuple[torch.nn.Module, dict]:
-    """The best model of a fine-tuning run and its card; a model of the other task is refused."""
+def load_finetuned(run_or_file: str | Path, task: str, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """The best model of a fine-tuning run and its card, on `device`; a model of the other task is refused."""
     path = Path(run_or_file)
     path = path / rundir.BEST_MODEL if path.is_dir() else path
     state, card = checkpoint.load_model(path)
     if card.get("task") != task:
-        raise BadInput(f"{path}: is a {card.get('task')!r} model, not a {task!r} model; pick a model of the right task")
-    config = FinetuneConfig.from_json(card["config"])
+        kind = "a pretraining" if card.get("task") in taskspec.REGISTRY or "puzzle" in card else f"a {card.get('task')!r}"
+        raise BadInput(f"{path}: is {kind} model, not a {task!r} model; pick a fine-tuning run of the right task")
+    config = FinetuneConfig.from_card(card, path, "finetune")
+    if not isinstance(card.get("classes"), list) or not card["classes"]:
+        raise BadInput(f"{path}: its model card lacks classes; give a model written by rubikssl finetune")
     model = models.build(task, config.decoder, config.encoder, len(card["classes"]))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
         raise BadInput(f"{path}: weights do not match its card ({str(error).splitlines()[0][:100]}); the file is damaged") from None
-    return channels_last(model).eval(), card
-
-
-def _prepared_input(volumes: list[str], card: dict) -> tuple[np.ndarray, sitk.Image]:
-    """The network input (C, Z, Y, X) in [-1, 1] on the model's grid, and the grid as an image (for resampling back)."""
-    config = card["config"]
-    if len(volumes) != config["encoder"]["in_channels"]:
-        raise BadInput(f"the model needs {config['encoder']['in_channels']} channel files ({', '.join(card['channels'])}) "
-                       f"but got {len(volumes)}; pass one file per channel in that order")
-    volume = load_case(volumes, config["spacing_mm"], config["canonical_orientation"])
-    recipe = settings_from_json(IntensityRecipe, config["intensity"])
-    grid = image_from_array(np.zeros(volume.array.shape[1:], np.uint8), volume.geometry)
-    return to_network_range(volume.array, recipe), grid
+    return channels_last(model.to(select_device(device))).eval(), card
 
 
 def segment(model_dir: str | Path, volumes: list[str], out: str | Path, roi_size: tuple[int, int, int] | None = None,
-            overlap: float = 0.25) -> dict:
+            overlap: float = 0.25, device: str = "cpu") -> dict:
     """Segment a whole volume; write `out` (.seg.nrrd with named, coloured segments in the input's exact geometry)
     and a plain labelmap `<name>.labels.nrrd` beside it. Returns a summary with voxel counts per segment."""
     out = Path(out)
     if not out.name.endswith(".seg.nrrd"):
         raise BadInput(f"--out {out}: name the result <name>.seg.nrrd (Slicer's segmentation format)")
-    model, card = load_finetuned(model_dir, "segment")
-    image, grid = _prepared_input(volumes, card)
+    model, card = load_finetuned(model_dir, "segment", device)
+    image, volume = preprocess.network_input(volumes, card["config"], card["channels"])
     roi = tuple(roi_size or card["config"]["patch_size"])
+    target = next(model.parameters()).device
     with torch.inference_mode():
-        logits = sliding_window_inference(torch.from_numpy(image)[None], roi, 1, model, overlap=overlap, mode="gaussian")
+        logits = sliding_window_inference(torch.from_numpy(image)[None], roi, 1, model, overlap=overlap, mode="gaussian",
+                                          sw_device=target, device="cpu")
     indices = np.argmax(logits[0].numpy(), axis=0).astype(np.uint8)  # numpy's is 3x faster than torch's on one thread
     values = np.array([c["value"] for c in card["classes"]])
-    on_grid = image_from_array(values[indices].astype(np.uint16), geometry_of(grid))
-    reference = read_image(volumes[0])
-    labels = sitk.GetArrayFromImage(sitk.Resample(on_grid, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-    write_segmentation(out, labels, reference, card["classes"])
+    labels = preprocess.to_native_grid(values[indices].astype(np.uint16), volume)
     labelmap_path = out.with_name(out.name[: -len(".seg.nrrd")] + ".labels.nrrd")
-    with atomic_path(labelmap_path) as tmp:
-        labelmap = sitk.GetImageFromArray(labels)
-        labelmap.CopyInformation(reference)
-        sitk.WriteImage(labelmap, str(tmp), useCompression=True)
+    write_results(out, labelmap_path, labels, volume.native.geometry, card["classes"])
     counts = {c["name"]: int((labels == c["value"]).sum()) for c in card["classes"][1:]}
     return {"segmentation": str(out), "labelmap": str(labelmap_path), "voxels": counts}
 
 
-def write_segmentation(path: Path, labels_zyx: np.ndarray, reference: sitk.Image, classes: list[dict]) -> None:
-    """A Slicer .seg.nrrd: one segment per foreground class (name, colour, label value), geometry of `reference`."""
-    direction = np.reshape(reference.GetDirection(), (3, 3))
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = direction * np.array(reference.GetSpacing())
-    ijk_to_lps[:3, 3] = reference.GetOrigin()
+def write_results(segmentation_path: Path, labelmap_path: Path, labels_zyx: np.ndarray, geometry: Geometry,
+                  classes: list[dict]) -> None:
+    """The .seg.nrrd and its .labels.nrrd as a set: both are written first, then the labelmap is published and
+    the segmentation last, so a .seg.nrrd never stands without its labelmap."""
+    with atomic_path(segmentation_path) as segmentation_tmp, atomic_path(labelmap_path) as labelmap_tmp:
+        write_volume(labelmap_tmp, labels_zyx, geometry, compress=True, atomic=False)
+        write_segmentation(segmentation_tmp, labels_zyx, geometry, classes)
+
+
+def write_segmentation(path: Path, labels_zyx: np.ndarray, geometry: Geometry, classes: list[dict]) -> None:
+    """A Slicer .seg.nrrd at `path`: one segment per foreground class (name, colour, label value) on `geometry`."""
     voxels_ijk = np.transpose(labels_zyx, (2, 1, 0))
-    segmentation = slicerio.create_segmentation(voxels_ijk.shape, ijk_to_lps)
+    segmentation = slicerio.create_segmentation(voxels_ijk.shape, geometry.ijk_to_lps())
     for entry in classes[1:]:
         slicerio.add_segment(segmentation, voxels_ijk == entry["value"],
                              {"id": f"Segment_{entry['value']}", "name": entry["name"], "color": entry["color"]})
-    with atomic_path(path) as tmp:
-        slicerio.write_segmentation(str(tmp), segmentation)
+    slicerio.write_segmentation(str(path), segmentation)
 
 
-def classify(model_dir: str | Path, volumes: list[str], out: str | Path) -> dict:
+def classify(model_dir: str | Path, volumes: list[str], out: str | Path, device: str = "cpu") -> dict:
     """Class probabilities of one case, written to `out` as JSON."""
-    model, card = load_finetuned(model_dir, "classify")
-    image, _ = _prepared_input(volumes, card)
-    image = fit_to_size(image, tuple(card["config"]["patch_size"]), -1.0)
-    with torch.no_grad():
-        probabilities = torch.softmax(model(torch.from_numpy(image)[None]), dim=1)[0].tolist()
+    model, card = load_finetuned(model_dir, "classify", device)
+    image, _ = preprocess.network_input(volumes, card["config"], card["channels"])
+    image = preprocess.fit_to_size(image, tuple(card["config"]["patch_size"]), -1.0)
+    with torch.inference_mode():
+        batch = torch.from_numpy(image)[None].to(next(model.parameters()).device)
+        probabilities = torch.softmax(model(batch), dim=1)[0].cpu().tolist()
     names = [c["name"] for c in card["classes"]]
     result = {"volumes": volumes, "classes": names, "probabilities": dict(zip(names, probabilities)),
               "predicted": names[int(np.argmax(probabilities))]}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from RubikSSLLib.errors import BadInput
+from RubikSSLLib.options import option, voxel_triple
 
 ROTATION_NAMES = ("none", "hor: 180 deg about z", "ver: 180 deg about y")
 # Array axes of one cube (C, Z, Y, X) that each rotation flips.
@@ -30,10 +31,13 @@ ROTATION_FLIP_AXES = {1: (-2, -1), 2: (-3, -1)}
 class PuzzleSpec:
     """Shape of the puzzle. Sizes are (z, y, x) in voxels."""
 
-    grid: int = 2
-    cube_size: tuple[int, int, int] = (32, 32, 32)
-    jitter: tuple[int, int, int] = (6, 6, 6)
-    num_permutations: int = 100
+    grid: int = field(default=2, metadata=option("cubes per axis: 2 (2x2x2) or 3 (3x3x3)", choices=(2, 3)))
+    cube_size: tuple[int, int, int] = field(default=(32, 32, 32), metadata=option(
+        "voxels per cube, N or z,y,x (rpl and 3x3x3 grids: 24)", parse=voxel_triple))
+    jitter: tuple[int, int, int] = field(default=(6, 6, 6), metadata=option(
+        "max cube offset in its cell; gaps 0..2x", parse=voxel_triple))
+    num_permutations: int = field(default=100, metadata=option(
+        "K, size of the Hamming permutation table", flag="--permutations"))
     permutation_seed: int = 0
 
     def __post_init__(self) -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from RubikSSLLib import STARTED_AT
 from RubikSSLLib.errors import BadInput
-from RubikSSLLib.files import remove_stale_temp_files
+from RubikSSLLib.files import remove_stale_temp_files, write_json_atomic
 
 CONFIG = "config.json"
 TRAINING_STATE = "checkpoint.safetensors"
@@ -53,20 +57,88 @@ class RunDir:
     def __exit__(self, *exc_info: object) -> None:
         if self._lock is not None:
             self._lock.release()
+            self._lock = None
 
-    def remove_if_empty(self) -> None:
-        """Remove a folder this run created when it failed before writing anything but its lock."""
-        if self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {LOCK}:
-            self.file(LOCK).unlink(missing_ok=True)
-            self.path.rmdir()
+    @contextmanager
+    def session(self, resume: bool, holds_lock: bool = True) -> Iterator[RunDir]:
+        """One run in this folder, for pretraining and fine-tuning alike: take the lock (`holds_lock`: rank 0 of a
+        distributed job), refuse a second run over a checkpoint unless `resume`, drop a stale STOP request, bring
+        the readable card copies in line with their model files. A run that fails or is cancelled before its first
+        checkpoint removes the folder it created, so a failure leaves nothing half-written behind."""
+        created = not self.path.exists()
+        try:
+            if holds_lock:
+                self.__enter__()
+            if self.file(TRAINING_STATE).exists() and not resume:
+                raise BadInput(f"{self.path}: already holds a run; add --resume to continue it or choose another --out")
+            if holds_lock:
+                self.clear_stale_stop()
+                self.sync_card_copies()
+            yield self
+        except BaseException:
+            if created and holds_lock and self.path.is_dir() and not self.file(TRAINING_STATE).exists():
+                self.__exit__()
+                shutil.rmtree(self.path, ignore_errors=True)
+            raise
+        finally:
+            if holds_lock:
+                self.__exit__()
+
+    def sync_card_copies(self) -> None:
+        """A kill between writing a model file and its `<name>.json` copy leaves the copy one save behind:
+        rewrite it from the card inside the model file (the file is the truth)."""
+        from RubikSSLLib import checkpoint
+
+        for name in (BEST_MODEL, LAST_MODEL):
+            model = self.file(name)
+            if model.is_file():
+                card = checkpoint.read_card(model)
+                copy = model.with_suffix(".json")
+                try:
+                    current = json.loads(copy.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    current = None
+                if current != card:
+                    write_json_atomic(copy, card)
 
     def append_metrics(self, metrics: dict) -> None:
-        """One line of metrics.jsonl per evaluation; earlier lines are never rewritten."""
+        """One line of metrics.jsonl per evaluation, written before the checkpoint that covers it."""
         with open(self.file(METRICS), "a", encoding="utf-8") as log:
             log.write(json.dumps(metrics) + "\n")
+
+    def truncate_metrics(self, key: str, last: int) -> None:
+        """On resume: drop the lines past the checkpoint (`key` <= `last` stay), which a kill between the metrics
+        line and the checkpoint left behind and the resumed run will write again."""
+        path = self.file(METRICS)
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if _position(line, key) <= last]
+        if len(kept) != len(lines):
+            from RubikSSLLib.files import write_text_atomic
+
+            write_text_atomic(path, "".join(line + "\n" for line in kept))
 
     def stop_requested(self) -> bool:
         return self.file(STOP).exists()
 
     def clear_stop(self) -> None:
         self.file(STOP).unlink(missing_ok=True)
+
+    def clear_stale_stop(self) -> None:
+        """Remove a STOP file left from an earlier cancel; one written since this process started is a cancel of
+        this run (say, while it was still loading) and stays, so the loop's first check honours it."""
+        stop = self.file(STOP)
+        try:
+            if stop.stat().st_mtime < STARTED_AT:
+                stop.unlink(missing_ok=True)
+        except FileNotFoundError:
+            pass
+
+
+def _position(line: str, key: str) -> float:
+    """The step or epoch of one metrics line (a broken line, from a kill mid-write, sorts last)."""
+    try:
+        return float(json.loads(line)[key])
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -30,10 +30,7 @@ def geometry_from_ijk_to_ras(ijk_to_ras: np.ndarray) -> Geometry:
 
 def ijk_to_ras_from_geometry(geometry: Geometry) -> np.ndarray:
     """The 4x4 IJKToRAS matrix of an LPS Geometry (what `node.SetIJKToRASMatrix` takes)."""
-    ijk_to_lps = np.eye(4)
-    ijk_to_lps[:3, :3] = np.reshape(geometry.direction, (3, 3)) * np.asarray(geometry.spacing_xyz)
-    ijk_to_lps[:3, 3] = geometry.origin_xyz
-    return RAS_FROM_LPS @ ijk_to_lps
+    return RAS_FROM_LPS @ geometry.ijk_to_lps()
 
 
 def crop_to_ras_box(array_kji: np.ndarray, ijk_to_ras: np.ndarray, ras_bounds: tuple[float, ...],

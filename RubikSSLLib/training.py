@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import platform
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -18,11 +17,13 @@ from torch import nn
 
 from RubikSSLLib import __version__, checkpoint, datasources, rundir, sampling, tasks
 from RubikSSLLib.config import PretrainConfig
+from RubikSSLLib.devices import autocast_dtype, select_device  # noqa: F401 - select_device: fine-tuning's too
 from RubikSSLLib.errors import BadInput, Cancelled
 from RubikSSLLib.files import write_json_atomic
 from RubikSSLLib.networks import channels_last
 from RubikSSLLib.tasks.base import PretextTask
 from RubikSSLLib.progress import Reporter
+from RubikSSLLib.stopping import StopSignal
 
 
 @dataclass
@@ -52,29 +53,6 @@ class Distributed:
         value = torch.tensor([float(flag)])
         torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
         return bool(value.item())
-
-
-def select_device(name: str) -> torch.device:
-    """auto = CUDA when present; under torchrun each process takes the GPU of its LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BadInput(f"--device {name}: no CUDA device is available here; use --device cpu")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        name = f"cuda:{os.environ['LOCAL_RANK']}"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    return device
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for fp32. auto = bf16/fp16 on CUDA, fp32 on CPU."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def learning_rate_at(step: int, config: PretrainConfig) -> float:
@@ -188,32 +166,6 @@ def versions() -> dict[str, str]:
             "numpy": np.__version__, "SimpleITK": SimpleITK.Version_VersionString()}
 
 
-class StopSignal:
-    """Turns SIGTERM and Ctrl-C into a flag checked between steps, so the step in flight finishes and is
-    checkpointed before the process exits."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT) + ((signal.SIGBREAK,) if hasattr(signal, "SIGBREAK") else ())  # Windows: CTRL_BREAK
-
-    def __init__(self) -> None:
-        self.received = False
-        self._previous: dict = {}
-
-    def __enter__(self) -> StopSignal:
-        for number in self.SIGNALS:
-            try:
-                self._previous[number] = signal.signal(number, self._handle)
-            except ValueError:  # not the main thread: the STOP file still works
-                pass
-        return self
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = True
-
-    def __exit__(self, *exc_info: object) -> None:
-        for number, previous in self._previous.items():
-            signal.signal(number, previous)
-
-
 class Pretraining:
     """One pretraining run. `run()` returns the final metrics, or raises Cancelled after checkpointing."""
 
@@ -229,26 +181,12 @@ class Pretraining:
         self.history: list[dict] = []
 
     def run(self) -> dict[str, float]:
-        lock = self.run_dir if self.distributed.is_main else nullcontext(self.run_dir)
-        created = not self.run_dir.path.exists()
         try:
-            with lock:
-                self._check_run_dir()
+            with self.run_dir.session(self.resume, holds_lock=self.distributed.is_main):
                 return self._train()
-        except BadInput:
-            if created and self.distributed.is_main:
-                self.run_dir.remove_if_empty()
-            raise
         finally:
             if self.distributed.world_size > 1:
                 torch.distributed.destroy_process_group()
-
-    def _check_run_dir(self) -> None:
-        has_state = self.run_dir.file(rundir.TRAINING_STATE).exists()
-        if has_state and not self.resume:
-            raise BadInput(f"{self.run_dir.path}: already holds a run; add --resume to continue it or choose another --out")
-        if self.distributed.is_main:
-            self.run_dir.clear_stop()
 
     def _setup(self) -> None:
         config = self.config
@@ -267,6 +205,8 @@ class Pretraining:
         if self.resume and state_path.exists():
             state = checkpoint.load_training_state(state_path, self.model, self.optimizer)
             self.step, self.best, self.history = state["step"], state.get("best", {}), state.get("history", [])
+            if self.distributed.is_main:
+                self.run_dir.truncate_metrics("step", self.step)
             self.reporter.log(f"resumed {self.run_dir.path} at step {self.step}")
         self.val_samples = sampling.fixed_samples(self.val_cases, self.task.sample, config.val_puzzles, config.seed)
         if self.distributed.is_main:
@@ -334,13 +274,14 @@ class Pretraining:
             self.best = dict(metrics)
         if metrics:
             self.run_dir.append_metrics(metrics)
-        state = {"step": self.step, "best": self.best, "history": self.history}
-        checkpoint.save_training_state(self.run_dir.file(rundir.TRAINING_STATE), self.model, self.optimizer, state)
+        # Model files first, the training state last: the state is the commit point a resume starts from.
         weights = self.model.state_dict()
         checkpoint.save_model(self.run_dir.file(rundir.LAST_MODEL), weights, self._card(metrics))
         if is_best or not self.run_dir.file(rundir.BEST_MODEL).exists():
             checkpoint.save_model(self.run_dir.file(rundir.BEST_MODEL), weights, self._card(metrics))
             self.reporter.artifact(str(self.run_dir.file(rundir.BEST_MODEL)), "model")
+        state = {"step": self.step, "best": self.best, "history": self.history}
+        checkpoint.save_training_state(self.run_dir.file(rundir.TRAINING_STATE), self.model, self.optimizer, state)
         return metrics
 
     def _better(self, metrics: dict[str, float]) -> bool:
@@ -378,7 +319,10 @@ def load_pretrained(run_or_file: str | Path) -> tuple[nn.Module, dict]:
     if path.is_dir():
         path = path / rundir.BEST_MODEL
     state, card = checkpoint.load_model(path)
-    config = PretrainConfig.from_json(card["config"])
+    if card.get("task") in ("classify", "segment"):
+        raise BadInput(f"{path}: is a fine-tuned {card['task']} model; give a pretraining run folder "
+                       "(written by rubikssl pretrain)")
+    config = PretrainConfig.from_card(card, path, "pretrain")
     model = build_model(config)
     try:
         model.load_state_dict(state, strict=True)

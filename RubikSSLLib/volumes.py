@@ -21,6 +21,9 @@ import SimpleITK as sitk
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.files import atomic_path
 
+# ITK prints its warnings (oblique NIfTI, DICOM slice spacing) to stderr itself; our checks say what matters.
+sitk.ProcessObject.SetGlobalWarningDisplay(False)
+
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 CANONICAL_ORIENTATION = "LPS"  # i -> Left, j -> Posterior, k -> Superior: identity direction
 
@@ -55,14 +58,32 @@ class Geometry:
     def to_json(self) -> dict:
         return {"spacing_xyz": list(self.spacing_xyz), "origin_xyz": list(self.origin_xyz), "direction": list(self.direction)}
 
+    def ijk_to_lps(self) -> np.ndarray:
+        """The 4x4 matrix mapping voxel indices (i, j, k, 1) to LPS mm: the one place LPS <-> IJK is defined."""
+        matrix = np.eye(4)
+        matrix[:3, :3] = np.reshape(self.direction, (3, 3)) * np.asarray(self.spacing_xyz)
+        matrix[:3, 3] = self.origin_xyz
+        return matrix
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A voxel grid without voxels: its size (z, y, x) and its placement. Resampling onto it needs no image."""
+
+    size_zyx: tuple[int, int, int]
+    geometry: Geometry
+
 
 @dataclass
 class Volume:
-    """One case: `array` is (C, Z, Y, X), any real dtype; `sources` name the file of each channel."""
+    """One case: `array` is (C, Z, Y, X), any real dtype; `sources` name the file of each channel.
+
+    native: the grid of the files as read (before reorientation and resampling), where results go back to."""
 
     array: np.ndarray
     geometry: Geometry
     sources: list[str]
+    native: Grid | None = None
 
     @property
     def name(self) -> str:
@@ -71,6 +92,15 @@ class Volume:
 
 def geometry_of(image: sitk.Image) -> Geometry:
     return Geometry(tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()))
+
+
+def resample_onto(image: sitk.Image, grid: Grid, nearest: bool = True) -> np.ndarray:
+    """`image` resampled onto `grid` (nearest neighbour for label maps, else linear): a (Z, Y, X) array."""
+    geometry = grid.geometry
+    resampled = sitk.Resample(image, tuple(int(s) for s in grid.size_zyx[::-1]), sitk.Transform(),
+                              sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, geometry.origin_xyz,
+                              geometry.spacing_xyz, geometry.direction, 0, image.GetPixelID())
+    return sitk.GetArrayFromImage(resampled)
 
 
 def image_from_array(array_zyx: np.ndarray, geometry: Geometry) -> sitk.Image:
@@ -121,40 +151,67 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         ) from None
 
 
-def _nifti_bytes(path: Path) -> tuple[int, int]:
-    """(bytes the header promises, bytes present) of a .nii or .nii.gz file; (0, 0) if not a NIfTI-1/2 header."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        header = handle.read(540)
-        present = len(header)
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            present += len(block)
+NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
+
+
+def _nifti_header(header: bytes) -> tuple[str, tuple[int, ...], int, int, int] | None:
+    """(byte order, dims, datatype, bitpix, payload offset) of a NIfTI-1 or NIfTI-2 header, else None."""
     for order in "<>":
         if len(header) >= 348 and struct.unpack(order + "i", header[:4])[0] == 348:
             dims = struct.unpack(order + "8h", header[40:56])
-            bitpix = struct.unpack(order + "h", header[72:74])[0]
+            datatype, bitpix = struct.unpack(order + "2h", header[70:74])
             offset = int(struct.unpack(order + "f", header[108:112])[0])
-        elif len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
-            bitpix = struct.unpack(order + "h", header[14:16])[0]
+            return order, dims, datatype, bitpix, max(offset, 352)
+        if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
+            datatype, bitpix = struct.unpack(order + "2h", header[12:16])
             dims = struct.unpack(order + "8q", header[16:80])
             offset = struct.unpack(order + "q", header[168:176])[0]
-        else:
-            continue
+            return order, dims, datatype, bitpix, max(offset, 544)
+    return None
+
+
+def _nifti_payload(path: Path) -> tuple[int, int, int]:
+    """(bytes the header promises, bytes present, non-finite voxels) of a .nii or .nii.gz file; zeros if it has
+    no NIfTI header. Streams the file once. ITK turns NaN and Inf in NIfTI payloads into 0 as it reads, so the
+    raw payload is the only place they can be seen."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as handle:
+        header = handle.read(540)
+        parsed = _nifti_header(header)
+        if parsed is None:
+            return 0, 0, 0
+        order, dims, datatype, bitpix, offset = parsed
         voxels = math.prod(max(1, d) for d in dims[1 : 1 + max(0, min(dims[0], 7))])
-        return max(offset, 348) + voxels * bitpix // 8, present
-    return 0, 0
+        dtype = np.dtype(order + NIFTI_FLOAT_TYPES[datatype]) if datatype in NIFTI_FLOAT_TYPES else None
+        present, bad, pending = len(header), 0, header[offset:] if len(header) > offset else b""
+        if len(header) < offset:
+            skipped = handle.read(offset - len(header))
+            present += len(skipped)
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            present += len(block)
+            if dtype is not None:
+                pending += block
+                usable = len(pending) - len(pending) % dtype.itemsize
+                bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(pending[:usable], dtype))))
+                pending = pending[usable:]
+        if dtype is not None and pending:
+            usable = len(pending) - len(pending) % dtype.itemsize
+            bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(pending[:usable], dtype))))
+    return offset + voxels * bitpix // 8, present, bad
 
 
 def _check_complete(path: Path) -> None:
-    """ITK zero-fills a truncated NIfTI without complaint; compare the payload with what the header promises."""
+    """ITK zero-fills a truncated NIfTI without complaint, and reads NaN/Inf as 0: check the raw payload."""
     if not path.name.lower().endswith((".nii", ".nii.gz")):
         return
     try:
-        expected, present = _nifti_bytes(path)
+        expected, present, non_finite = _nifti_payload(path)
     except (OSError, EOFError, zlib.error) as error:
         raise BadInput(f"{path}: is truncated or corrupt ({error}); copy the file again") from None
     if present < expected:
         raise BadInput(f"{path}: is truncated ({present} of {expected} bytes); copy the file again")
+    if non_finite:
+        raise BadInput(f"{path}: contains {non_finite} NaN/Inf voxels; replace them (e.g. with 0) before using this volume")
 
 
 def _read_dicom_series(folder: Path) -> sitk.Image:
@@ -178,12 +235,31 @@ def _check_is_3d(image: sitk.Image, path: str) -> None:
         )
 
 
-def resample_to_spacing(image: sitk.Image, spacing_mm: float) -> sitk.Image:
+MAX_VOXELS = 2**28  # 268 M voxels (1 GiB as float32) per channel: more than any CT at 0.5 mm
+MAX_UPSAMPLING = 20  # a file whose voxels are 20x coarser than the target along an axis is not a 3D volume
+
+
+def check_resampling(size_xyz: tuple[int, ...], spacing_xyz: tuple[float, ...], spacing_mm: float, name: str) -> None:
+    """Refuse resampling that would allocate an absurd grid, or invent most of a volume from a few slices."""
+    new_size = [max(1, int(math.floor(n * o / spacing_mm))) for n, o in zip(size_xyz, spacing_xyz)]
+    voxels = math.prod(new_size)
+    if voxels > MAX_VOXELS:
+        raise BadInput(f"{name}: resampled to {spacing_mm:g} mm it would be {'x'.join(map(str, new_size[::-1]))} voxels "
+                       f"({voxels * 4 / 2**30:.1f} GiB per channel); use a coarser --spacing")
+    coarsest = max(spacing_xyz)
+    if coarsest / spacing_mm > MAX_UPSAMPLING:
+        raise BadInput(f"{name}: has {coarsest:g} mm between voxels along one axis (spacing "
+                       f"{'x'.join(f'{v:g}' for v in spacing_xyz)} mm); resampled to {spacing_mm:g} mm most of it would "
+                       "be interpolated; give a 3D volume with finer slices, or a coarser --spacing")
+
+
+def resample_to_spacing(image: sitk.Image, spacing_mm: float, name: str = "volume") -> sitk.Image:
     """Linear resampling to isotropic `spacing_mm`, Gaussian-smoothed first along axes that get coarser."""
     old = np.array(image.GetSpacing())
     new = np.full(3, float(spacing_mm))
     if np.allclose(old, new, rtol=1e-3):
         return image
+    check_resampling(image.GetSize(), image.GetSpacing(), spacing_mm, name)
     sigma = np.where(new > old * 1.01, np.sqrt(np.maximum(new**2 - old**2, 0.0)) / 2.355, 0.0)
     source = sitk.Cast(image, sitk.sitkFloat32)
     if sigma.max() > 0:
@@ -232,14 +308,20 @@ def load_case(paths: list[str], spacing_mm: float | None = None, canonical: bool
         if canonical:
             image = sitk.DICOMOrient(image, CANONICAL_ORIENTATION)
         if spacing_mm:
-            image = resample_to_spacing(image, spacing_mm)
+            image = resample_to_spacing(image, spacing_mm, str(path))
         arrays.append(sitk.GetArrayFromImage(image).astype(np.float32, copy=False))
         geometry = geometry_of(image)
-    return Volume(np.stack(arrays), geometry, [str(p) for p in paths])
+    native = Grid(tuple(images[0].GetSize()[::-1]), first)
+    return Volume(np.stack(arrays), geometry, [str(p) for p in paths], native)
 
 
-def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, compress: bool = True) -> None:
-    """Write (Z, Y, X) or (C, Z, Y, X) atomically; the format follows the extension (.nrrd, .nii.gz, ...)."""
+def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry, compress: bool = True,
+                 atomic: bool = True) -> None:
+    """Write (Z, Y, X) or (C, Z, Y, X); the format follows the extension (.nrrd, .nii.gz, ...). atomic=False:
+    `path` is already a temp file of the caller's (atomic_path) and is written directly."""
     image = image_from_array(np.ascontiguousarray(array), geometry)
+    if not atomic:
+        sitk.WriteImage(image, str(path), useCompression=compress)
+        return
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)

@@ -223,11 +223,11 @@ def test_evaluate_pairs_seeds_and_writes_table_and_plot(small_adrenal_labeled: P
 
 def test_label_map_lands_on_the_processed_image_grid() -> None:
     from RubikSSLLib import labeled
-    from RubikSSLLib.volumes import image_from_array, load_case
+    from RubikSSLLib.volumes import Grid, load_case
 
     image, label = shared("seg/stroke_t2/T2.nii.gz"), shared("seg/stroke_t2/lesionT2.nii.gz")
     volume = load_case([str(image)], spacing_mm=3.0, canonical=True)
-    grid = image_from_array(np.zeros(volume.array.shape[1:], np.uint8), volume.geometry)
+    grid = Grid(volume.array.shape[1:], volume.geometry)
     labels = labeled.load_label_map(str(label), str(image), grid)
     assert labels.shape == volume.array.shape[1:]
     assert set(np.unique(labels)) == {0, 1}

@@ -1,0 +1,64 @@
+"""Volume -> network input -> back to the input's grid: the one preprocessing path of fine-tuning and inference.
+
+A case's channel files are read once (volumes.load_case: checked, reoriented to LPS, resampled to the recipe's
+spacing), mapped by the intensity recipe to [0, 1] and rescaled to [-1, 1], the range the encoder saw on its
+pretraining cubes. Results go back to the first file's own grid (`Volume.native`) by nearest neighbour. The recipe
+is data in the model card (`recipe_card`), and inference reads it from there.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from RubikSSLLib import intensity
+from RubikSSLLib.config import settings_from_json
+from RubikSSLLib.errors import BadInput
+from RubikSSLLib.intensity import IntensityRecipe
+from RubikSSLLib.volumes import Grid, Volume, image_from_array, load_case, resample_onto
+
+NETWORK_RANGE = (-1.0, 1.0)
+
+
+def to_network_range(image: np.ndarray, recipe: IntensityRecipe) -> np.ndarray:
+    """(C, Z, Y, X) raw -> float32 in [-1, 1] with the case's own fitted intensity map."""
+    low, high = NETWORK_RANGE
+    return intensity.fit(image, recipe).apply(image) * (high - low) + low
+
+
+def fit_to_size(array: np.ndarray, size: tuple[int, ...], fill: float) -> np.ndarray:
+    """Centre-crop or pad the last len(size) axes of `array` to `size`."""
+    for axis, wanted in zip(range(array.ndim - len(size), array.ndim), size):
+        have = array.shape[axis]
+        if have > wanted:
+            start = (have - wanted) // 2
+            array = np.take(array, range(start, start + wanted), axis=axis)
+        elif have < wanted:
+            padding = [(0, 0)] * array.ndim
+            padding[axis] = ((wanted - have) // 2, wanted - have - (wanted - have) // 2)
+            array = np.pad(array, padding, constant_values=fill)
+    return array
+
+
+def recipe_card(config: dict, task: str) -> dict:
+    """The preprocessing recipe as data, for the model card ("normalisation")."""
+    return {"intensity": config["intensity"], "spacing_mm": config["spacing_mm"],
+            "canonical_orientation": "LPS" if config["canonical_orientation"] else None,
+            "output_range": list(NETWORK_RANGE),
+            "input_size" if task == "classify" else "patch_size": list(config["patch_size"])}
+
+
+def network_input(volumes: list[str], config: dict, channel_names: list[str]) -> tuple[np.ndarray, Volume]:
+    """The network input (C, Z, Y, X) in [-1, 1] on the model's grid, and the loaded case (its `geometry` is that
+    grid, its `native` the first file's own grid). `config` is a fine-tuning config as saved in a model card."""
+    wanted = config["encoder"]["in_channels"]
+    if len(volumes) != wanted:
+        raise BadInput(f"the model needs {wanted} channel files ({', '.join(channel_names)}) but got {len(volumes)}; "
+                       "pass one file per channel in that order")
+    volume = load_case(volumes, config["spacing_mm"], config["canonical_orientation"])
+    return to_network_range(volume.array, settings_from_json(IntensityRecipe, config["intensity"])), volume
+
+
+def to_native_grid(labels_zyx: np.ndarray, volume: Volume) -> np.ndarray:
+    """A label map (Z, Y, X) on the network's grid (`volume.geometry`) put back on the input file's own grid."""
+    native: Grid = volume.native
+    return resample_onto(image_from_array(labels_zyx, volume.geometry), native, nearest=True)
