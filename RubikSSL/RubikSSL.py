@@ -8,6 +8,7 @@ progress lines. torch, MONAI and slicerio are never imported into Slicer's proce
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from importlib import metadata
@@ -277,10 +278,21 @@ class RubikSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showVersions()
 
 
+REQUIREMENTS = Path(__file__).resolve().parent / "Resources" / "requirements.txt"
+
+
+def requirementNames(path: Path) -> list:
+    """Distribution names of a requirements file (`monai>=1.3` -> `monai`), comments skipped."""
+    lines = [line.split("#")[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return [re.split(r"[<>=!~; \[]", line, maxsplit=1)[0] for line in lines if line]
+
+
 class RubikSSLLogic(ScriptedLoadableModuleLogic):
     """Nodes to files, files to nodes, and the one running worker (`self.job`). Usable without the widget."""
 
-    PACKAGES = ("torch", "monai", "slicerio", "safetensors", "pynrrd", "filelock")
+    # torch's floor is pyproject.toml's; the rest is the one list in Resources/requirements.txt (a test checks both)
+    TORCH_REQUIREMENT = ">=2.3"
+    PACKAGES = ("torch", *requirementNames(REQUIREMENTS))
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
@@ -310,7 +322,7 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
                 import PyTorchUtils
             except ImportError:
                 raise RuntimeError(_("Install the PyTorch extension from the Extensions Manager, restart Slicer, then try again.")) from None
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=">=2.2") is None:
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=self.TORCH_REQUIREMENT) is None:
                 raise RuntimeError(_("PyTorch was not installed."))
         if hasattr(slicer, "packaging"):  # Slicer >= 5.12
             slicer.packaging.pip_ensure(slicer.packaging.load_requirements(requirementsPath), requester="RubikSSL")

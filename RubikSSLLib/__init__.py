@@ -4,5 +4,5 @@ __version__ = "0.1.0"
 
 import time as _time
 
-# When this process began (as near as Python can tell): a STOP request older than this is a stale one.
+# When the current command began (the import, then `cli.main` again): a STOP request older than this is stale.
 STARTED_AT = _time.time()

@@ -7,10 +7,12 @@ import errno
 import json
 import os
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
 
+import RubikSSLLib
 from RubikSSLLib import __version__, stopping
 from RubikSSLLib.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK, BadInput, Cancelled
 from RubikSSLLib.progress import MODES, Reporter
@@ -206,7 +208,8 @@ def run_segment(args: argparse.Namespace, reporter: Reporter) -> int:
     from RubikSSLLib.options import build
 
     settings = build(SegmentConfig, given(args))
-    summary = predict.segment(settings.model, list(settings.volume), settings.out, device=settings.device)
+    summary = predict.segment(settings.model, list(settings.volume), settings.out, device=settings.device,
+                              largest_component=settings.largest_component)
     reporter.artifact(summary["segmentation"], "segmentation")
     reporter.artifact(summary["labelmap"], "labelmap")
     reporter.log(f"wrote {summary['segmentation']}: voxels per segment {json.dumps(summary['voxels'])}")
@@ -290,6 +293,7 @@ def run_demo(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    RubikSSLLib.STARTED_AT = time.time()  # a STOP file older than this command is a stale one
     args = build_parser().parse_args(argv)
     reporter = Reporter(args.progress, enabled=os.environ.get("RANK", "0") == "0")  # torchrun: rank 0 speaks
     with stopping.cancel_on_signal(), warnings.catch_warnings():

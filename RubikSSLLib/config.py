@@ -327,6 +327,10 @@ class InferenceConfig:
 class SegmentConfig(InferenceConfig):
     SUFFIX = (".seg.nrrd", "Slicer's segmentation format; a .labels.nrrd labelmap is written beside it")
 
+    largest_component: str = field(default="card", metadata=option(
+        "keep only the largest connected part of these classes: card (the model card's choice), none, all, or "
+        "label values as 1,2"))
+
 
 @dataclass
 class ClassifyConfig(InferenceConfig):

@@ -93,42 +93,29 @@ def markdown(summary: dict, key: str, last_epochs: int, seeds: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+SERIES = {"scratch": "#787878", "pretrained": "#1e5ac8"}  # grey and blue, as the caption says
+
+
 def plot(summary: dict, key: str, path: Path, size: tuple[int, int] = (640, 420)) -> None:
     """Metric against label fraction (log axis), mean ± sd for scratch (grey) and pretrained (blue)."""
-    from PIL import Image, ImageDraw
+    import matplotlib
 
-    width, height = size
-    left, right, top, bottom = 70, 20, 30, 50
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
+    matplotlib.use("Agg")  # no screen in a worker process
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(size[0] / 100, size[1] / 100), dpi=100)
+    axes = figure.add_subplot()
     fractions = [float(f) for f in summary]
-    values = [summary[f][f"{i}_{s}"] for f in summary for i in ("scratch", "pretrained") for s in ("mean",)]
-    spreads = [summary[f][f"{i}_sd"] for f in summary for i in ("scratch", "pretrained")]
-    low = min(v - s for v, s in zip(values, spreads))
-    high = max(v + s for v, s in zip(values, spreads))
-    low, high = low - 0.05 * (high - low + 1e-6), high + 0.05 * (high - low + 1e-6)
-    span_x = np.log10(max(fractions)) - np.log10(min(fractions)) or 1.0
-
-    def xy(fraction: float, value: float) -> tuple[float, float]:
-        inset = 24  # keep the end points off the frame
-        x = left + inset + (np.log10(fraction) - np.log10(min(fractions))) / span_x * (width - left - right - 2 * inset)
-        return x, top + (high - value) / (high - low) * (height - top - bottom)
-
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for fraction in fractions:
-        x, _ = xy(fraction, low)
-        draw.text((x - 12, height - bottom + 8), f"{fraction:g}", fill="black")
-    for tick in np.linspace(low, high, 5):
-        _, y = xy(min(fractions), tick)
-        draw.text((8, y - 6), f"{tick:.3f}", fill="black")
-    draw.text((width // 2 - 60, height - 22), "label fraction (log)", fill="black")
-    draw.text((left, 8), f"{key}: scratch (grey) vs pretrained (blue), mean ± sd", fill="black")
-    for init, colour, shift in (("scratch", (120, 120, 120), -4), ("pretrained", (30, 90, 200), 4)):
-        points = [xy(f, summary[k][f"{init}_mean"]) for f, k in zip(fractions, summary)]
-        draw.line([(x + shift, y) for x, y in points], fill=colour, width=2)
-        for (x, y), k in zip(points, summary):
-            sd = summary[k][f"{init}_sd"] / (high - low) * (height - top - bottom)
-            draw.line([(x + shift, y - sd), (x + shift, y + sd)], fill=colour, width=2)
-            draw.ellipse([x + shift - 4, y - 4, x + shift + 4, y + 4], fill=colour)
+    for init, colour in SERIES.items():
+        means = [summary[k][f"{init}_mean"] for k in summary]
+        spreads = [summary[k][f"{init}_sd"] for k in summary]
+        axes.errorbar(fractions, means, yerr=spreads, color=colour, marker="o", capsize=4, linewidth=2, label=init)
+    axes.set_xscale("log")
+    axes.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    axes.set_xlabel("label fraction (log)")
+    axes.set_ylabel(key)
+    axes.set_title(f"{key}: scratch (grey) vs pretrained (blue), mean ± sd", fontsize=10)
+    axes.legend()
+    figure.tight_layout()
     with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
+        figure.savefig(tmp, format="png")

@@ -192,6 +192,7 @@ class Finetuning:
                 for iteration in range(iterations):
                     if stop.received or self.run_dir.stop_requested():
                         self._save({})
+                        self.run_dir.clear_stop()  # honoured: it must not cancel the resumed run
                         raise Cancelled(f"stopped in epoch {self.epoch + 1}; continue with --resume (the epoch restarts)")
                     step = self.epoch * iterations + iteration + 1
                     self._set_learning_rate(step, total)
@@ -331,6 +332,7 @@ class Finetuning:
                         for (v, i), n in zip(self.values.items(), self.names)],
             "channels": [f"channel {i}" for i in range(config.encoder.in_channels)],
             "normalisation": preprocess.recipe_card(config.to_json(), config.task),
+            "postprocessing": {"largest_component": []},  # label values; `segment --largest-component` overrides
             "init": {"source": config.init, **self.load_report},
             "data": {"train": self.chosen_names, "example": first_source},
             "metrics": metrics,

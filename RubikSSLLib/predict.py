@@ -9,9 +9,9 @@ import slicerio
 import torch
 from monai.inferers import sliding_window_inference
 
-from RubikSSLLib import checkpoint, models, preprocess, rundir, taskspec
+from RubikSSLLib import checkpoint, models, postprocess, preprocess, rundir, taskspec
 from RubikSSLLib.config import FinetuneConfig
-from RubikSSLLib.devices import select_device
+from RubikSSLLib.devices import model_device, select_device
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.files import atomic_path, write_json_atomic
 from RubikSSLLib.networks import channels_last
@@ -38,26 +38,29 @@ def load_finetuned(run_or_file: str | Path, task: str, device: str = "cpu") -> t
 
 
 def segment(model_dir: str | Path, volumes: list[str], out: str | Path, roi_size: tuple[int, int, int] | None = None,
-            overlap: float = 0.25, device: str = "cpu") -> dict:
+            overlap: float = 0.25, device: str = "cpu", largest_component: str = "card") -> dict:
     """Segment a whole volume; write `out` (.seg.nrrd with named, coloured segments in the input's exact geometry)
-    and a plain labelmap `<name>.labels.nrrd` beside it. Returns a summary with voxel counts per segment."""
+    and a plain labelmap `<name>.labels.nrrd` beside it. largest_component: which classes keep only their largest
+    connected part (postprocess.parse_classes). Returns a summary with voxel counts per segment."""
     out = Path(out)
     if not out.name.endswith(".seg.nrrd"):
         raise BadInput(f"--out {out}: name the result <name>.seg.nrrd (Slicer's segmentation format)")
     model, card = load_finetuned(model_dir, "segment", device)
+    cleaned = postprocess.parse_classes(largest_component, card)
     image, volume = preprocess.network_input(volumes, card["config"], card["channels"])
     roi = tuple(roi_size or card["config"]["patch_size"])
-    target = next(model.parameters()).device
+    target = model_device(model)
     with torch.inference_mode():
         logits = sliding_window_inference(torch.from_numpy(image)[None], roi, 1, model, overlap=overlap, mode="gaussian",
                                           sw_device=target, device="cpu")
     indices = np.argmax(logits[0].numpy(), axis=0).astype(np.uint8)  # numpy's is 3x faster than torch's on one thread
     values = np.array([c["value"] for c in card["classes"]])
-    labels = preprocess.to_native_grid(values[indices].astype(np.uint16), volume)
+    labels = postprocess.keep_largest_component(values[indices].astype(np.uint16), cleaned)
+    labels = preprocess.to_native_grid(labels, volume)
     labelmap_path = out.with_name(out.name[: -len(".seg.nrrd")] + ".labels.nrrd")
     write_results(out, labelmap_path, labels, volume.native.geometry, card["classes"])
     counts = {c["name"]: int((labels == c["value"]).sum()) for c in card["classes"][1:]}
-    return {"segmentation": str(out), "labelmap": str(labelmap_path), "voxels": counts}
+    return {"segmentation": str(out), "labelmap": str(labelmap_path), "voxels": counts, "largest_component": cleaned}
 
 
 def write_results(segmentation_path: Path, labelmap_path: Path, labels_zyx: np.ndarray, geometry: Geometry,
@@ -85,7 +88,7 @@ def classify(model_dir: str | Path, volumes: list[str], out: str | Path, device:
     image, _ = preprocess.network_input(volumes, card["config"], card["channels"])
     image = preprocess.fit_to_size(image, tuple(card["config"]["patch_size"]), -1.0)
     with torch.inference_mode():
-        batch = torch.from_numpy(image)[None].to(next(model.parameters()).device)
+        batch = torch.from_numpy(image)[None].to(model_device(model))
         probabilities = torch.softmax(model(batch), dim=1)[0].cpu().tolist()
     names = [c["name"] for c in card["classes"]]
     result = {"volumes": volumes, "classes": names, "probabilities": dict(zip(names, probabilities)),

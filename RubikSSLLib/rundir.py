@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from RubikSSLLib import STARTED_AT
+import RubikSSLLib
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.files import remove_stale_temp_files, write_json_atomic
 
@@ -130,7 +130,7 @@ class RunDir:
         this run (say, while it was still loading) and stays, so the loop's first check honours it."""
         stop = self.file(STOP)
         try:
-            if stop.stat().st_mtime < STARTED_AT:
+            if stop.stat().st_mtime < RubikSSLLib.STARTED_AT:
                 stop.unlink(missing_ok=True)
         except FileNotFoundError:
             pass

@@ -237,6 +237,8 @@ class Pretraining:
             while self.step < config.steps:
                 if self.distributed.any(stop_signal.received or self.run_dir.stop_requested()):
                     self._checkpoint(batches, evaluate_now=False)
+                    if self.distributed.is_main:
+                        self.run_dir.clear_stop()  # honoured: it must not cancel the resumed run
                     raise Cancelled(f"stopped at step {self.step}; continue with --resume")
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate_at(self.step, config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -33,10 +35,22 @@ def small_adrenal(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def rubikssl(*args: str, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
-    """Run the real command line in a subprocess, as a user (or the Slicer panel) would."""
-    return subprocess.run([sys.executable, "-m", "RubikSSLLib", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, **kwargs)
+def rubikssl(*args: str, timeout: float = 600, in_process: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real command line as a user (or the Slicer panel) would: its main function with the output captured
+    (fast: torch and MONAI are imported once per test session), or with in_process=False (or any subprocess
+    keyword) in a subprocess of its own, for what needs a real process (signals, locks held elsewhere)."""
+    if not in_process or kwargs:
+        return subprocess.run([sys.executable, "-m", "RubikSSLLib", *args], capture_output=True, text=True,
+                              timeout=timeout, cwd=REPO, **kwargs)
+    from RubikSSLLib import cli
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exit:  # argparse refusing an option
+            code = exit.code if isinstance(exit.code, int) else 2
+    return subprocess.CompletedProcess(["rubikssl", *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 # Fast settings for runs in tests: small cubes and encoder, few steps.

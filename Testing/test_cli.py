@@ -163,6 +163,7 @@ def test_skip_unusable_leaves_out_thin_volumes_and_says_so(tmp_path: Path) -> No
     assert any(m.startswith("skipped:") and "thin_slab.nrrd" in m for m in logs)
 
 
+@pytest.mark.slow
 def test_demo_runs_every_stage_on_the_bundled_data(tmp_path: Path) -> None:
     """The README's first command, with a tiny budget: pretrain, puzzle, fine-tune, segment an unseen scan."""
     import slicerio

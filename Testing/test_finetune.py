@@ -100,6 +100,7 @@ def test_segmentation_result_reads_back_in_slicer_format_with_the_input_geometry
     assert labelmap.GetSize() == source.GetSize() and np.allclose(labelmap.GetOrigin(), source.GetOrigin())
 
 
+@pytest.mark.slow
 def test_segmentation_fine_tune_on_real_glioma_beats_the_empty_prediction(tmp_path: Path) -> None:
     """BraTS 2015 (tests only: non-commercial licence), FLAIR + T1c, whole tumour; 3 training cases, 1 held out."""
     entries = []
@@ -121,6 +122,7 @@ def test_segmentation_fine_tune_on_real_glioma_beats_the_empty_prediction(tmp_pa
     assert all(0 <= h["iou_tumour"] <= h["dice_tumour"] <= 1 for h in history)
 
 
+@pytest.mark.slow
 def test_classification_fine_tune_beats_chance_and_classify_writes_probabilities(small_adrenal_labeled: Path,
                                                                                  pretrained_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
@@ -210,7 +212,11 @@ def test_evaluate_pairs_seeds_and_writes_table_and_plot(small_adrenal_labeled: P
     last_accuracy = json.loads((out / "fraction0.2_seed1_pretrained/metrics.jsonl").read_text().splitlines()[-1])["val_acc"]
     assert accuracy["scores"]["0.2"]["pretrained"][1] == pytest.approx(last_accuracy)
     assert evaluate.summarise(accuracy["scores"]) == accuracy["summary"]
-    assert Image.open(out / "results.png").size == (640, 420)
+    picture = np.asarray(Image.open(out / "results.png").convert("RGB"))
+    assert picture.shape == (420, 640, 3)
+    for colour in evaluate.SERIES.values():  # both series are drawn, not just a frame
+        rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)])
+        assert (np.abs(picture.astype(int) - rgb).sum(axis=2) < 30).sum() > 50, colour
     # a finished evaluation is reused, not recomputed
     before = (out / "fraction0.2_seed0_scratch" / "model.safetensors").stat().st_mtime_ns
     assert evaluate.summarise(results["scores"]) == results["summary"]
@@ -262,3 +268,77 @@ def test_warm_up_and_encoder_learning_rate_follow_the_step_and_resume(small_adre
     for step, scale in ((1, 0.5), (2, 1.0), (5, 0.5), (8, 0.0)):
         resumed._set_learning_rate(step, total=8)
         assert resumed.optimizer.param_groups[1]["lr"] == pytest.approx(scale * 3e-4, abs=1e-12)
+
+
+class OracleModel(torch.nn.Module):
+    """Returns one-hot logits of a known label map (on the network's grid) for a whole-volume window."""
+
+    def __init__(self, indices_zyx: np.ndarray, classes: int) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.nn.functional.one_hot(torch.from_numpy(indices_zyx), classes)
+                             .permute(3, 0, 1, 2)[None].float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.shape[2:] == self.logits.shape[2:], "one window covers the whole volume"
+        return self.logits
+
+
+def test_a_known_label_map_comes_back_voxel_identical_on_an_oblique_anisotropic_grid(tmp_path: Path,
+                                                                                      monkeypatch) -> None:
+    """The invariant of the whole inference path: whatever the network says on its grid (here: exactly a known
+    label map) lands on the input file's own voxels, through LPS reorientation and back."""
+    from RubikSSLLib import predict, preprocess
+    from RubikSSLLib.config import FinetuneConfig
+
+    source_path = shared("pretrain/msl_patient20_study2_FLAIR.nii.gz")  # 0.9 x 0.9 x 3 mm, oblique
+    source = sitk.ReadImage(str(source_path))
+    assert not np.allclose(source.GetDirection(), np.eye(3).ravel()) and len(set(source.GetSpacing())) > 1
+    intensity = sitk.GetArrayFromImage(source)
+    known = np.digitize(intensity, np.percentile(intensity, [60, 90])).astype(np.uint16) * 2  # values 0, 2, 4
+    config = FinetuneConfig(task="segment", train=["x"], val=["x"], out="y", spacing_mm=None, patch_size=(16, 16, 16))
+    _, volume = preprocess.network_input([str(source_path)], config.to_json(), ["FLAIR"])
+    on_network_grid = sitk.Resample(_with_geometry(known, source),
+                                    tuple(int(s) for s in volume.array.shape[1:][::-1]), sitk.Transform(),
+                                    sitk.sitkNearestNeighbor, volume.geometry.origin_xyz, volume.geometry.spacing_xyz,
+                                    volume.geometry.direction, 0, sitk.sitkUInt16)
+    indices = sitk.GetArrayFromImage(on_network_grid) // 2
+    classes = [{"index": i, "value": 2 * i, "name": n, "color": [0.1 * i, 0.5, 0.5]}
+               for i, n in enumerate(("background", "bright", "brightest"))]
+    card = {"task": "segment", "config": {**config.to_json(), "patch_size": list(indices.shape)}, "classes": classes,
+            "channels": ["FLAIR"], "postprocessing": {"largest_component": []}}
+    monkeypatch.setattr(predict, "load_finetuned", lambda *args, **kwargs: (OracleModel(indices.astype(np.int64), 3), card))
+    summary = predict.segment("oracle", [str(source_path)], tmp_path / "known.seg.nrrd")
+    labelmap = sitk.ReadImage(str(tmp_path / "known.labels.nrrd"))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labelmap), known)
+    assert labelmap.GetSize() == source.GetSize()
+    np.testing.assert_allclose(labelmap.GetDirection(), source.GetDirection(), atol=1e-9)
+    segmentation = slicerio.read_segmentation(str(tmp_path / "known.seg.nrrd"))
+    voxels = np.transpose(segmentation["voxels"], (2, 1, 0))
+    for entry in classes[1:]:
+        segment = next(s for s in segmentation["segments"] if s["name"] == entry["name"])
+        mask = voxels == segment["labelValue"] if voxels.ndim == 3 else voxels[..., segment["layer"]] == segment["labelValue"]
+        np.testing.assert_array_equal(mask, known == entry["value"])
+        assert summary["voxels"][entry["name"]] == int((known == entry["value"]).sum()) > 1000
+
+
+def _with_geometry(array_zyx: np.ndarray, reference: sitk.Image) -> sitk.Image:
+    image = sitk.GetImageFromArray(array_zyx)
+    image.CopyInformation(reference)
+    return image
+
+
+def test_largest_component_clean_up_keeps_the_biggest_part_of_the_chosen_classes() -> None:
+    from RubikSSLLib import postprocess
+
+    labels = np.zeros((20, 20, 20), np.uint16)
+    labels[2:8, 2:8, 2:8] = 1      # 216 voxels
+    labels[12:14, 12:14, 12:14] = 1  # 8 voxels, apart
+    labels[15:18, 2:4, 2:4] = 2    # class 2 in two parts, not chosen
+    labels[2:4, 15:18, 15:18] = 2
+    cleaned = postprocess.keep_largest_component(labels, [1])
+    assert (cleaned == 1).sum() == 216 and (cleaned[12:14, 12:14, 12:14] == 0).all()
+    np.testing.assert_array_equal(cleaned == 2, labels == 2)
+    card = {"classes": [{"value": 0}, {"value": 1}, {"value": 2}], "postprocessing": {"largest_component": [2]}}
+    assert postprocess.parse_classes("card", card) == [2] and postprocess.parse_classes("all", card) == [1, 2]
+    with pytest.raises(BadInput, match="no class with value 5"):
+        postprocess.parse_classes("1,5", card)

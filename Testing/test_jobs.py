@@ -64,6 +64,7 @@ def test_job_reports_monotone_progress_metrics_and_done(small_adrenal: Path, tmp
     assert Path(job.state.artifact("model")) == run / rundir.BEST_MODEL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stop_grace_s", [60.0, 0.0], ids=["stop_file", "sigterm_to_group"])
 def test_cancel_checkpoints_exits_3_and_resumes(small_adrenal: Path, tmp_path: Path, stop_grace_s: float) -> None:
     run = tmp_path / "run"

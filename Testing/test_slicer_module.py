@@ -212,6 +212,22 @@ def test_requirements_parse_and_leave_slicers_own_packages_alone() -> None:
     assert all("==" not in str(r.specifier) for r in requirements)
 
 
+def test_one_dependency_list_for_pip_and_for_the_panel(slicer_module) -> None:
+    """pyproject's dependencies = torch, numpy, SimpleITK, then exactly the panel's requirements.txt; the panel's
+    torch floor and its package list follow them."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    declared = [Requirement(line) for line in project["dependencies"]]
+    assert [r.name for r in declared[:3]] == ["torch", "numpy", "SimpleITK"]
+    lines = (MODULE / "Resources" / "requirements.txt").read_text().splitlines()
+    panel = [Requirement(line) for line in lines if line.strip() and not line.startswith("#")]
+    assert [str(r) for r in declared[3:]] == [str(r) for r in panel]
+    logic = slicer_module.RubikSSLLogic
+    assert logic.TORCH_REQUIREMENT == str(declared[0].specifier)
+    assert list(logic.PACKAGES) == ["torch"] + [r.name for r in panel]
+
+
 # --- the module imported against stand-ins for Slicer, to run its logic's command building ---
 
 class _Anything(types.ModuleType):

@@ -193,6 +193,7 @@ def learning_config(task: str, tmp_path: Path, steps: int, data: str, adrenal: P
     return config_for(task, tmp_path, steps=steps, eval_every=steps, **where, **extra)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task, metric, chance, steps, data", LEARNING, ids=[t[0] for t in LEARNING])
 def test_each_task_learns_on_real_data(small_adrenal: Path, tmp_path: Path, task: str, metric: str, chance: float,
                                        steps: int, data: str) -> None:
@@ -206,6 +207,7 @@ def test_each_task_learns_on_real_data(small_adrenal: Path, tmp_path: Path, task
     assert isinstance(model.encoder, Encoder)
 
 
+@pytest.mark.slow
 def test_cpc_predicts_patch_codes_better_than_chance_on_real_mri(small_adrenal: Path, tmp_path: Path) -> None:
     """Top-1 among the 512 codes of a validation batch stays low after a short run; the InfoNCE loss shows the
     learning: below log(512), the loss of a predictor that cannot tell the candidates apart."""
@@ -253,6 +255,7 @@ def test_a_volume_too_small_for_the_3x3x3_grid_is_refused_with_the_minimum(tmp_p
     assert not (tmp_path / "sample.json").exists()
 
 
+@pytest.mark.slow
 def test_combined_tasks_share_one_encoder_saved_once_and_both_learn(small_adrenal: Path, tmp_path: Path) -> None:
     # 300 steps: at 200 the ordering accuracy sat near the 0.2 bar and flipped with the memory layout's rounding.
     config = config_for("rubik,mae=0.5", tmp_path, steps=300, eval_every=300, data=[str(small_adrenal)],

@@ -49,6 +49,7 @@ def load_state(run: Path) -> dict:
     return checkpoint.load_training_state(run / rundir.TRAINING_STATE, model, optimizer)
 
 
+@pytest.mark.slow
 def test_pretraining_on_real_volumes_learns_the_puzzle(tmp_path: Path) -> None:
     """AdrenalMNIST3D 64^3: 1188 training volumes, validation puzzles from the 98 held-out ones."""
     config = PretrainConfig(
@@ -120,6 +121,7 @@ def test_cancel_checkpoints_and_exits_3(small_adrenal: Path, tmp_path: Path, how
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.slow
 def test_kill_9_never_leaves_an_unloadable_checkpoint(small_adrenal: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     rng = np.random.default_rng(0)
@@ -167,6 +169,7 @@ def test_corrupt_checkpoint_is_refused_on_resume_and_left_in_place(small_adrenal
     assert state.stat().st_size == 1000
 
 
+@pytest.mark.slow
 def test_distributed_data_parallel_with_two_gloo_processes(small_adrenal: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
