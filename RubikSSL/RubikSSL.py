@@ -7,7 +7,6 @@ progress lines. torch, MONAI and slicerio are never imported into Slicer's proce
 
 import json
 import logging
-import os
 import re
 import shutil
 import sys

@@ -233,7 +233,7 @@ def run_classify(args: argparse.Namespace, reporter: Reporter) -> int:
 def run_probe(args: argparse.Namespace, reporter: Reporter) -> int:
     import torch
 
-    from RubikSSLLib.training import versions
+    from RubikSSLLib.runloop import versions
 
     devices = [{"type": "cpu", "threads": torch.get_num_threads(), "cores": os.cpu_count()}]
     for index in range(torch.cuda.device_count()):

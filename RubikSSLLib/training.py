@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import math
 import os
-import platform
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,14 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from RubikSSLLib import __version__, checkpoint, datasources, rundir, sampling, tasks
+from RubikSSLLib import checkpoint, datasources, rundir, sampling, tasks
 from RubikSSLLib.config import PretrainConfig
-from RubikSSLLib.devices import autocast_dtype, select_device  # noqa: F401 - select_device: fine-tuning's too
-from RubikSSLLib.errors import BadInput, Cancelled
-from RubikSSLLib.files import write_json_atomic
+from RubikSSLLib.devices import autocast_dtype
+from RubikSSLLib.errors import BadInput
 from RubikSSLLib.networks import channels_last
 from RubikSSLLib.tasks.base import PretextTask
 from RubikSSLLib.progress import Reporter
+from RubikSSLLib.runloop import RunLoop, learning_rate_scale, versions  # noqa: F401 - versions: the probe's
 from RubikSSLLib.stopping import StopSignal
 
 
@@ -57,11 +54,9 @@ class Distributed:
 
 def learning_rate_at(step: int, config: PretrainConfig) -> float:
     """Linear warm-up, then cosine decay to min_learning_rate_factor x the base rate (a pure function of step)."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    floor = config.min_learning_rate_factor
-    return config.learning_rate * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    scale = learning_rate_scale(step + 1 if step < config.warmup_steps else step, config.steps, config.warmup_steps,
+                                "cosine", config.min_learning_rate_factor)
+    return config.learning_rate * scale
 
 
 def build_model(config: PretrainConfig) -> nn.Module:
@@ -159,31 +154,23 @@ def evaluate(model: nn.Module, samples: list[dict[str, torch.Tensor]], device: t
     return task.summarise({name: total / len(samples) for name, total in totals.items()})
 
 
-def versions() -> dict[str, str]:
-    import SimpleITK
-
-    return {"rubikssl": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "SimpleITK": SimpleITK.Version_VersionString()}
-
-
-class Pretraining:
+class Pretraining(RunLoop):
     """One pretraining run. `run()` returns the final metrics, or raises Cancelled after checkpointing."""
 
+    position_key = "step"
+
     def __init__(self, config: PretrainConfig, reporter: Reporter, resume: bool = False) -> None:
-        self.config = config
-        self.reporter = reporter
-        self.resume = resume
-        self.device = select_device(config.device)
+        super().__init__(config, reporter, resume)
         self.distributed = Distributed.from_environment(self.device)
-        self.run_dir = rundir.RunDir(config.out)
-        self.step = 0
-        self.best: dict[str, float] = {}
-        self.history: list[dict] = []
+        self.is_main = self.distributed.is_main
+
+    @property
+    def step(self) -> int:
+        return self.position
 
     def run(self) -> dict[str, float]:
         try:
-            with self.run_dir.session(self.resume, holds_lock=self.distributed.is_main):
-                return self._train()
+            return super().run()
         finally:
             if self.distributed.world_size > 1:
                 torch.distributed.destroy_process_group()
@@ -191,6 +178,7 @@ class Pretraining:
     def _setup(self) -> None:
         config = self.config
         self.task = tasks.create(config)
+        self.primary_metric, self.higher_is_better = self.task.primary_metric, self.task.higher_is_better
         pools = datasources.resolve(config.data)
         shape = self.task.shape
         train, validation = split_cases(load_cases(pools.train, config, self.reporter, shape),
@@ -201,16 +189,9 @@ class Pretraining:
         torch.manual_seed(config.seed)
         self.model = channels_last(self.task.build_model().to(self.device))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-        state_path = self.run_dir.file(rundir.TRAINING_STATE)
-        if self.resume and state_path.exists():
-            state = checkpoint.load_training_state(state_path, self.model, self.optimizer)
-            self.step, self.best, self.history = state["step"], state.get("best", {}), state.get("history", [])
-            if self.distributed.is_main:
-                self.run_dir.truncate_metrics("step", self.step)
-            self.reporter.log(f"resumed {self.run_dir.path} at step {self.step}")
+        self.restore()
         self.val_samples = sampling.fixed_samples(self.val_cases, self.task.sample, config.val_puzzles, config.seed)
-        if self.distributed.is_main:
-            write_json_atomic(self.run_dir.file(rundir.CONFIG), config.to_json())
+        self.write_config()
 
     def _loader(self) -> Iterator[dict[str, torch.Tensor]]:
         workers = self.config.workers
@@ -233,13 +214,11 @@ class Pretraining:
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         model.train()
         started, start_step = time.monotonic(), self.step
-        with StopSignal() as stop_signal:
+        with StopSignal() as stop:
             while self.step < config.steps:
-                if self.distributed.any(stop_signal.received or self.run_dir.stop_requested()):
+                if self.distributed.any(self.stop_asked(stop)):  # every rank stops at the same step
                     self._checkpoint(batches, evaluate_now=False)
-                    if self.distributed.is_main:
-                        self.run_dir.clear_stop()  # honoured: it must not cancel the resumed run
-                    raise Cancelled(f"stopped at step {self.step}; continue with --resume")
+                    self.cancel()
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate_at(self.step, config)
                 batch = move_batch(next(batches), device)
@@ -251,7 +230,7 @@ class Pretraining:
                 scaler.scale(loss).backward()
                 scaler.step(self.optimizer)
                 scaler.update()
-                self.step += 1
+                self.position += 1
                 if self.step % config.progress_every == 0 or self.step == config.steps:
                     rate = (self.step - start_step) * config.batch_size * self.distributed.world_size / (time.monotonic() - started)
                     self.reporter.progress(self.step, config.steps, loss=round(loss.item(), 4), puzzles_per_s=round(rate, 1))
@@ -260,7 +239,7 @@ class Pretraining:
         return self._checkpoint(batches, evaluate_now=True)
 
     def _checkpoint(self, batches: Iterator[dict[str, torch.Tensor]], evaluate_now: bool) -> dict[str, float]:
-        """Re-estimate BN statistics, evaluate, then (rank 0) write the training state and model files."""
+        """Re-estimate BN statistics, evaluate, then (rank 0) commit the checkpoint, keeping the last model too."""
         recalibrate_batchnorm(self.model, batches, self.config.bn_recalibration_batches, self.device,
                               forward=lambda batch: self.task.forward(self.model, batch))
         metrics = {}
@@ -269,35 +248,12 @@ class Pretraining:
             metrics["step"] = self.step
             self.history.append(metrics)
             self.reporter.metric(self.step, **{k: round(v, 4) for k, v in metrics.items() if k != "step"}, **self.task.chance())
-        if not self.distributed.is_main:
-            return metrics
-        is_best = bool(metrics) and self._better(metrics)
-        if is_best:
-            self.best = dict(metrics)
-        if metrics:
-            self.run_dir.append_metrics(metrics)
-        # Model files first, the training state last: the state is the commit point a resume starts from.
-        weights = self.model.state_dict()
-        checkpoint.save_model(self.run_dir.file(rundir.LAST_MODEL), weights, self._card(metrics))
-        if is_best or not self.run_dir.file(rundir.BEST_MODEL).exists():
-            checkpoint.save_model(self.run_dir.file(rundir.BEST_MODEL), weights, self._card(metrics))
-            self.reporter.artifact(str(self.run_dir.file(rundir.BEST_MODEL)), "model")
-        state = {"step": self.step, "best": self.best, "history": self.history}
-        checkpoint.save_training_state(self.run_dir.file(rundir.TRAINING_STATE), self.model, self.optimizer, state)
+        self.checkpoint(metrics, keep_last=True)
         return metrics
 
-    def _better(self, metrics: dict[str, float]) -> bool:
-        key = self.task.primary_metric
-        if key not in self.best:
-            return True
-        return metrics[key] >= self.best[key] if self.task.higher_is_better else metrics[key] <= self.best[key]
-
-    def _card(self, metrics: dict[str, float]) -> dict:
+    def card(self, metrics: dict[str, float]) -> dict:
         return {
-            "format": checkpoint.FORMAT,
-            "task": self.config.task,
-            "step": self.step,
-            "config": self.config.to_json(),
+            **self.base_card(self.config.task, metrics),
             **self.task.card(),
             "normalisation": {
                 "intensity": self.config.to_json()["intensity"],
@@ -306,12 +262,9 @@ class Pretraining:
                 "cube": "each cube and channel min-max scaled to [-1, 1]; constant cubes -> 0",
             },
             "data": {"train": datasources.describe(self.train_sources), "validation": datasources.describe(self.val_sources)},
-            "metrics": metrics,
-            "best": self.best,
             "chance": self.task.chance(),
             "primary_metric": self.task.primary_metric,
             "pretrains_decoder": self.task.has_decoder,
-            "versions": versions(),
         }
 
 

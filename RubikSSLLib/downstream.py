@@ -1,0 +1,191 @@
+"""What differs between the two fine-tuning tasks, behind one interface: how a labelled case becomes a target, how
+training batches are drawn, the loss, and the validation metrics. The fine-tuning loop (finetune.Finetuning)
+holds one of these and never asks which task it runs."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.metrics import DiceMetric, MeanIoU, compute_roc_auc
+from torch import nn
+
+from RubikSSLLib import labeled
+from RubikSSLLib.config import FinetuneConfig
+from RubikSSLLib.errors import BadInput
+from RubikSSLLib.preprocess import fit_to_size
+from RubikSSLLib.volumes import Grid, Volume
+
+FOREGROUND_SAMPLE = 20000  # foreground voxel indices kept per case to centre patches on
+
+
+@dataclass
+class Case:
+    """A loaded labelled case: image (C, Z, Y, X) float32 in [-1, 1]; target a class index or a (Z, Y, X) map of
+    class indices; foreground: (N, 3) voxel indices of non-background (segmentation)."""
+
+    name: str
+    image: np.ndarray
+    target: int | np.ndarray
+    foreground: np.ndarray | None = None
+
+
+class Downstream:
+    """One fine-tuning task. `rng` is the run's Generator (patch and batch draws, foreground subsampling)."""
+
+    primary_metric: str
+
+    def __init__(self, config: FinetuneConfig, rng: np.random.Generator) -> None:
+        self.config, self.rng = config, rng
+
+    def class_values(self, train: labeled.LabeledSet) -> tuple[dict[int, int], list[str]]:
+        """Label value -> class index, and the class names."""
+        raise NotImplementedError
+
+    def check_classes(self, values: dict[int, int], names: list[str], val: list[labeled.LabeledSource]) -> None:
+        pass
+
+    def case(self, source: labeled.LabeledSource, image: np.ndarray, volume: Volume, values: dict[int, int]) -> Case:
+        """A Case from the network-range image of `source` (`volume`: its loaded grid)."""
+        raise NotImplementedError
+
+    def default_iterations(self, cases: int) -> int:
+        raise NotImplementedError
+
+    def batches(self, cases: list[Case]) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless training batches {"image": (B, C, ...), "target": ...} drawn with the run's Generator."""
+        raise NotImplementedError
+
+    def loss(self) -> nn.Module:
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, cases: list[Case], device: torch.device, names: list[str]) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class Classification(Downstream):
+    primary_metric = "val_auc"
+
+    def class_values(self, train: labeled.LabeledSet) -> tuple[dict[int, int], list[str]]:
+        values = sorted({int(c.label) for c in train.cases} | set(train.class_names))
+        return {v: i for i, v in enumerate(values)}, [train.class_names.get(v, f"class {v}") for v in values]
+
+    def check_classes(self, values: dict[int, int], names: list[str], val: list[labeled.LabeledSource]) -> None:
+        if len(values) < 2:
+            raise BadInput(f"the training cases hold one class only ({names[0]}); classification needs "
+                           "examples of at least two classes in --train")
+        unknown = sorted({int(c.label) for c in val} - set(values))
+        if unknown:
+            raise BadInput(f"validation classes {unknown} do not occur in training; check --val")
+
+    def case(self, source: labeled.LabeledSource, image: np.ndarray, volume: Volume, values: dict[int, int]) -> Case:
+        return Case(source.name, fit_to_size(image, self.config.patch_size, -1.0), values[int(source.label)])
+
+    def default_iterations(self, cases: int) -> int:
+        return math.ceil(cases / self.config.batch_size)  # one pass over the cases
+
+    def batches(self, cases: list[Case]) -> Iterator[dict[str, torch.Tensor]]:
+        size = self.config.batch_size
+        while True:
+            order = self.rng.permutation(len(cases))
+            for first in range(0, len(order) - size + 1 or 1, size):
+                chunk = [cases[i] for i in order[first : first + size]]
+                yield {"image": torch.from_numpy(np.stack([c.image for c in chunk])),
+                       "target": torch.tensor([c.target for c in chunk])}
+
+    def loss(self) -> nn.Module:
+        return nn.CrossEntropyLoss()
+
+    def validate(self, model: nn.Module, cases: list[Case], device: torch.device, names: list[str]) -> dict[str, float]:
+        probabilities = []
+        for first in range(0, len(cases), 16):
+            images = torch.from_numpy(np.stack([c.image for c in cases[first : first + 16]])).to(device)
+            probabilities.append(torch.softmax(model(images), dim=1).cpu())
+        probs = torch.cat(probabilities)
+        truth = torch.tensor([c.target for c in cases])
+        accuracy = float((probs.argmax(1) == truth).float().mean())
+        onehot = nn.functional.one_hot(truth, probs.shape[1])
+        auc = float(compute_roc_auc(probs if probs.shape[1] > 2 else probs[:, 1], onehot if probs.shape[1] > 2 else truth))
+        return {"val_auc": round(auc, 4), "val_acc": round(accuracy, 4)}
+
+
+class Segmentation(Downstream):
+    primary_metric = "val_mean_dice"
+
+    def class_values(self, train: labeled.LabeledSet) -> tuple[dict[int, int], list[str]]:
+        """Index 0 is background; the values are the declared ones, else those found in the training label maps."""
+        if train.class_names:
+            values = sorted(set(train.class_names) | {0})
+        else:
+            seen: set[int] = set()
+            for case in train.cases:
+                seen |= set(np.unique(labeled.load_label_map(case.label, case.image.channels[0])).tolist())
+            values = sorted(seen | {0})
+        names = [train.class_names.get(v, "background" if v == 0 else f"class {v}") for v in values]
+        return {v: i for i, v in enumerate(values)}, names
+
+    def case(self, source: labeled.LabeledSource, image: np.ndarray, volume: Volume, values: dict[int, int]) -> Case:
+        label = labeled.load_label_map(source.label, source.image.channels[0], Grid(image.shape[1:], volume.geometry),
+                                       set(values))
+        lookup = np.zeros(max(values) + 1, dtype=np.int64)
+        lookup[list(values)] = list(values.values())
+        indices = lookup[label]
+        size = tuple(max(s, p) for s, p in zip(indices.shape, self.config.patch_size))  # at least one patch
+        image, indices = fit_to_size(image, size, -1.0), fit_to_size(indices, size, 0)
+        foreground = np.argwhere(indices > 0)
+        if len(foreground) > FOREGROUND_SAMPLE:
+            foreground = foreground[self.rng.choice(len(foreground), FOREGROUND_SAMPLE, replace=False)]
+        return Case(source.name, image, indices, foreground)
+
+    def default_iterations(self, cases: int) -> int:
+        return math.ceil(cases * 4 / self.config.batch_size)  # 4 patches per case
+
+    def batches(self, cases: list[Case]) -> Iterator[dict[str, torch.Tensor]]:
+        while True:
+            patches = [self.patch(cases[int(self.rng.integers(len(cases)))]) for _ in range(self.config.batch_size)]
+            yield {"image": torch.from_numpy(np.stack([p[0] for p in patches])),
+                   "target": torch.from_numpy(np.stack([p[1] for p in patches]))[:, None]}
+
+    def patch(self, case: Case) -> tuple[np.ndarray, np.ndarray]:
+        """A training patch; half of them centred on a random foreground voxel (lesions are small). MONAI's
+        RandCropByPosNegLabel would need every background voxel's index (~10^7 per case at 1 mm) or find them
+        again on every draw; this is nnU-Net's scheme (forced foreground, else uniform) on a kept sample."""
+        size = np.array(self.config.patch_size)
+        shape = np.array(case.target.shape)
+        if len(case.foreground) and self.rng.random() < 0.5:
+            centre = case.foreground[int(self.rng.integers(len(case.foreground)))]
+            start = np.clip(centre - size // 2, 0, shape - size)
+        else:
+            start = self.rng.integers(0, shape - size + 1)
+        region = tuple(slice(s, s + p) for s, p in zip(start, size))
+        return case.image[(slice(None), *region)], case.target[region]
+
+    def loss(self) -> nn.Module:
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+
+    def validate(self, model: nn.Module, cases: list[Case], device: torch.device, names: list[str]) -> dict[str, float]:
+        dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+        iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)
+        classes = len(names)
+        for case in cases:
+            logits = sliding_window_inference(torch.from_numpy(case.image)[None].to(device), self.config.patch_size,
+                                              4, model, overlap=0.25, mode="gaussian")
+            prediction = nn.functional.one_hot(logits.argmax(1), classes).permute(0, 4, 1, 2, 3)
+            truth = nn.functional.one_hot(torch.from_numpy(case.target)[None].to(device), classes).permute(0, 4, 1, 2, 3)
+            dice(prediction, truth)
+            iou(prediction, truth)
+        per_class_dice = torch.nanmean(dice.aggregate(), dim=0)
+        per_class_iou = torch.nanmean(iou.aggregate(), dim=0)
+        metrics = {"val_mean_dice": round(float(torch.nanmean(per_class_dice)), 4),
+                   "val_mean_iou": round(float(torch.nanmean(per_class_iou)), 4)}
+        for name, d, j in zip(names[1:], per_class_dice.tolist(), per_class_iou.tolist()):
+            metrics[f"dice_{name}"], metrics[f"iou_{name}"] = round(d, 4), round(j, 4)
+        return metrics
+
+
+TASKS = {"classify": Classification, "segment": Segmentation}
