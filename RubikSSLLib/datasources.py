@@ -104,22 +104,38 @@ def nnunet_cases(images: Path) -> list[CaseSource]:
     return cases
 
 
-def _resolve_datalist(path: Path) -> CasePools:
+def read_datalist(path: Path) -> dict:
+    """A MONAI-style datalist: a JSON object whose 'training' / 'validation' (if present) are lists. The one
+    reader of pretraining and fine-tuning datalists; entries are read with `image_files`."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BadInput(f"{path}: not a readable datalist JSON ({error}); fix the file") from None
-    if not isinstance(data, dict) or not isinstance(data.get("training", []), list):
-        raise BadInput(f"{path}: a datalist needs a 'training' list of {{\"image\": ...}} entries")
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: a datalist is a JSON object with a 'training' list, not a {type(data).__name__}; "
+                       "see the README's datalist example")
+    for section in ("training", "validation"):
+        if not isinstance(data.get(section, []), list):
+            raise BadInput(f"{path}: '{section}' must be a list of {{\"image\": ...}} entries")
+    return data
+
+
+def image_files(path: Path, image: object, where: str) -> tuple[str, ...]:
+    """An entry's 'image' (a path, or a list of channel paths, relative to the datalist) as absolute paths."""
+    files = image if isinstance(image, list) else [image]
+    if not files or not all(isinstance(f, str) and f for f in files):
+        raise BadInput(f"{where}: 'image' must be a file path or a list of channel file paths, not {image!r}")
+    return tuple(str((path.parent / f).resolve()) for f in files)
+
+
+def _resolve_datalist(path: Path) -> CasePools:
+    data = read_datalist(path)
 
     def cases(section: str) -> list[CaseSource]:
         found = []
-        for entry in data.get(section, []):
+        for number, entry in enumerate(data.get(section, [])):
             image = entry.get("image") if isinstance(entry, dict) else entry
-            if not image:
-                raise BadInput(f"{path}: an entry of '{section}' has no 'image'; give a path or a list of channel paths")
-            files = image if isinstance(image, list) else [image]
-            found.append(CaseSource(tuple(str((path.parent / f).resolve()) for f in files)))
+            found.append(CaseSource(image_files(path, image, f"{path}: '{section}' entry {number}")))
         return found
 
     return CasePools(cases("training"), cases("validation"))

@@ -111,6 +111,7 @@ class Finetuning(RunLoop):
             report, card = transfer.load_encoder(network, config.init)
             self.load_report = {"loaded": len(report.loaded), "missing": report.missing, "unexpected": report.unexpected,
                                 "adapted": report.adapted, "decoder_loaded": len(report.decoder),
+                                "decoder_unused": report.decoder_unused,
                                 "pretraining_task": card.get("task"), "pretraining_step": card.get("step")}
             self.reporter.log(f"initialised from {config.init}: {report.summary()}")
         return channels_last(network.to(self.device))

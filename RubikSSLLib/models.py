@@ -14,31 +14,62 @@ from torch import nn
 from RubikSSLLib.networks import Encoder, EncoderConfig, conv_block
 
 
-class UNet(nn.Module):
-    """U-Net whose encoder IS the pretraining encoder; the decoder (random) upsamples with transposed convolutions
-    and reads every encoder stage as a skip, then a last upsampling undoes the stride-2 stem."""
+class UNetDecoder(nn.Module):
+    """Upsamples with transposed convolutions reading every encoder stage as a skip, then a last upsampling undoes
+    the stride-2 stem and meets the input itself. forward(skips, x) -> (B, widths[0], Z, Y, X) features."""
 
-    def __init__(self, encoder: Encoder, num_classes: int) -> None:
+    def __init__(self, widths: tuple[int, ...], in_channels: int, norm: str) -> None:
         super().__init__()
-        self.encoder = encoder
-        widths, norm = encoder.config.widths, encoder.config.norm
         self.up = nn.ModuleList()
         self.blocks = nn.ModuleList()
         for deeper, skip in zip(widths[:0:-1], widths[-2::-1]):
             self.up.append(nn.ConvTranspose3d(deeper, skip, 2, stride=2))
             self.blocks.append(nn.Sequential(conv_block(2 * skip, skip, norm), conv_block(skip, skip, norm)))
         self.stem_up = nn.ConvTranspose3d(widths[0], widths[0], 2, stride=2)
-        self.stem_block = conv_block(widths[0] + encoder.config.in_channels, widths[0], norm)
-        self.head = nn.Conv3d(widths[0], num_classes, 1)
+        self.stem_block = conv_block(widths[0] + in_channels, widths[0], norm)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, Z, Y, X) -> logits (B, num_classes, Z, Y, X)."""
-        skips = self.encoder(x)
+    def forward(self, skips: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         y = skips[-1]
         for up, block, skip in zip(self.up, self.blocks, skips[-2::-1]):
             y = block(torch.cat([up(y), skip], dim=1))
-        y = self.stem_block(torch.cat([self.stem_up(y), x], dim=1))
-        return self.head(y)
+        return self.stem_block(torch.cat([self.stem_up(y), x], dim=1))
+
+
+DECODER_PARTS = ("up.", "blocks.", "stem_up.", "stem_block.")
+
+
+def upgrade_unet_names(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Model files before 0.2 kept the U-Net's decoder layers loose (`up.0.weight`); they now sit under
+    `decoder.` (`decoder.up.0.weight`). Renames the old names below `prefix`, leaves everything else."""
+    renamed = {}
+    for name, tensor in state.items():
+        rest = name[len(prefix):] if name.startswith(prefix) else None
+        if rest is not None and rest.startswith(DECODER_PARTS):
+            name = f"{prefix}decoder.{rest}"
+        renamed[name] = tensor
+    return renamed
+
+
+class UNet(nn.Module):
+    """U-Net whose encoder IS the pretraining encoder, with a UNetDecoder and a 1x1x1 head."""
+
+    def __init__(self, encoder: Encoder, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = UNetDecoder(encoder.config.widths, encoder.config.in_channels, encoder.config.norm)
+        self.head = nn.Conv3d(encoder.config.widths[0], num_classes, 1)
+        self._register_load_state_dict_pre_hook(self._upgrade_names)
+
+    @staticmethod
+    def _upgrade_names(state: dict, prefix: str, *args) -> None:
+        upgraded = upgrade_unet_names({k: v for k, v in state.items() if k.startswith(prefix)}, prefix)
+        for name in [k for k in state if k.startswith(prefix)]:
+            del state[name]
+        state.update(upgraded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, Z, Y, X) -> logits (B, num_classes, Z, Y, X)."""
+        return self.head(self.decoder(self.encoder(x), x))
 
 
 class DUCNet(nn.Module):

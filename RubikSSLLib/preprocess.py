@@ -26,17 +26,14 @@ def to_network_range(image: np.ndarray, recipe: IntensityRecipe) -> np.ndarray:
 
 
 def fit_to_size(array: np.ndarray, size: tuple[int, ...], fill: float) -> np.ndarray:
-    """Centre-crop or pad the last len(size) axes of `array` to `size`."""
-    for axis, wanted in zip(range(array.ndim - len(size), array.ndim), size):
-        have = array.shape[axis]
-        if have > wanted:
-            start = (have - wanted) // 2
-            array = np.take(array, range(start, start + wanted), axis=axis)
-        elif have < wanted:
-            padding = [(0, 0)] * array.ndim
-            padding[axis] = ((wanted - have) // 2, wanted - have - (wanted - have) // 2)
-            array = np.pad(array, padding, constant_values=fill)
-    return array
+    """Centre-crop or pad the last three axes of (C, Z, Y, X) or (Z, Y, X) `array` to `size` (z, y, x) with
+    MONAI's ResizeWithPadOrCrop: padding splits evenly (the extra voxel after), a crop keeps the centre voxel."""
+    from monai.transforms import ResizeWithPadOrCrop
+
+    channels_first = array if array.ndim == 4 else array[None]
+    fitted = np.asarray(ResizeWithPadOrCrop(tuple(size), mode="constant", value=fill)(channels_first),
+                        dtype=array.dtype)
+    return fitted if array.ndim == 4 else fitted[0]
 
 
 def recipe_card(config: dict, task: str) -> dict:

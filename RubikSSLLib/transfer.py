@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from RubikSSLLib import checkpoint, rundir
+from RubikSSLLib import checkpoint, models, rundir
 from RubikSSLLib.errors import BadInput
 
 ENCODER_PREFIX = "encoder."
+DECODER_PREFIX = "decoder."
+STEM_BLOCK_WEIGHT = "stem_block.0.weight"  # its input is (upsampled features, the image): channels adapt
 
 
 @dataclass
@@ -23,10 +25,13 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)
     decoder: list[str] = field(default_factory=list)  # decoder tensors loaded too (restoration pretraining)
+    decoder_unused: int = 0  # pretrained decoder tensors this network has no place for (a DUC decoder)
 
     def summary(self) -> str:
         text = f"loaded {len(self.loaded)} encoder tensors, missing {len(self.missing)}, unexpected {len(self.unexpected)}"
         text += f"; and {len(self.decoder)} decoder tensors" if self.decoder else ""
+        text += (f"; the pretrained U-Net decoder ({self.decoder_unused} tensors) is not used by this decoder"
+                 if self.decoder_unused else "")
         return text + (f"; input channels adapted in {', '.join(self.adapted)}" if self.adapted else "")
 
 
@@ -71,16 +76,40 @@ def load_encoder(network: nn.Module, run_or_file: str | Path) -> tuple[LoadRepor
     network.encoder.load_state_dict(target, strict=True)
     if card.get("pretrains_decoder"):
         prefix = card.get("decoder_prefix", "")  # a combined task keeps its restoration U-Net under heads.<task>.
-        report.decoder = load_decoder(network, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        state = models.upgrade_unet_names(state, prefix)
+        decoder = {k[len(prefix) + len(DECODER_PREFIX):]: v for k, v in state.items()
+                   if k.startswith(prefix + DECODER_PREFIX)}
+        load_decoder(network, decoder, path, report)
     return report, card
 
 
-def load_decoder(network: nn.Module, state: dict[str, torch.Tensor]) -> list[str]:
-    """Copy a restoration task's U-Net decoder into the same-named layers of `network` (a U-Net); the output
-    head is left random (its classes differ), and so is every layer the network does not share (a DUC decoder)."""
-    own = network.state_dict()
-    shared = {name: tensor for name, tensor in state.items()
-              if not name.startswith((ENCODER_PREFIX, "head.")) and name in own and own[name].shape == tensor.shape}
-    own.update(shared)
-    network.load_state_dict(own, strict=True)
-    return sorted(shared)
+def adapt_skip_input(weight: torch.Tensor, features: int, channels: int) -> torch.Tensor:
+    """The decoder's last block reads (upsampled features, input image) concatenated: (out, features + c, k, k, k)
+    pretrained on c = 1 image channel, for `channels` image channels (the image part repeated and divided)."""
+    return torch.cat([weight[:, :features], adapt_input_channels(weight[:, features:], channels)], dim=1)
+
+
+def load_decoder(network: nn.Module, pretrained: dict[str, torch.Tensor], path: Path, report: LoadReport) -> None:
+    """Copy a restoration task's U-Net decoder into `network.decoder`, strictly: every tensor is loaded, adapted to
+    more input channels (reported), or refused. The output head stays random (its classes differ). A network
+    without a U-Net decoder (DUC) uses none of it, which the report says."""
+    if not isinstance(getattr(network, "decoder", None), models.UNetDecoder):
+        report.decoder_unused = len(pretrained)
+        return
+    target = network.decoder.state_dict()
+    missing, unexpected = sorted(set(target) - set(pretrained)), sorted(set(pretrained) - set(target))
+    if missing or unexpected:
+        raise BadInput(f"{path}: its U-Net decoder does not match this network (missing {missing[:3]}, unexpected "
+                       f"{unexpected[:3]}); fine-tune with the encoder settings of the pretraining run")
+    features = network.encoder.config.widths[0]
+    for name, tensor in pretrained.items():
+        wanted = target[name].shape
+        if tensor.shape != wanted and name == STEM_BLOCK_WEIGHT and tensor.shape[1] == features + 1:
+            tensor = adapt_skip_input(tensor, features, wanted[1] - features)
+            report.adapted.append(DECODER_PREFIX + name)
+        if tensor.shape != wanted:
+            raise BadInput(f"{path}: decoder tensor {name} has shape {tuple(tensor.shape)} but the network needs "
+                           f"{tuple(wanted)}; fine-tune with the encoder settings of the pretraining run")
+        target[name] = tensor
+    network.decoder.load_state_dict(target, strict=True)
+    report.decoder = sorted(DECODER_PREFIX + name for name in target)

@@ -3,6 +3,7 @@ the decoder transfer of restoration tasks, and `puzzle --task`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ADRENAL, rubikssl, shared
-from RubikSSLLib import cli, puzzle, sampling, tasks, training, transfer
+from RubikSSLLib import checkpoint, cli, puzzle, sampling, tasks, training, transfer
 from RubikSSLLib.config import PretrainConfig
 from RubikSSLLib.intensity import IntensityMap
 from RubikSSLLib.models import UNet
@@ -226,6 +227,43 @@ def test_restoration_pretraining_hands_its_decoder_to_the_unet(small_adrenal: Pa
     mine, theirs = network.state_dict(), pretrained.state_dict()
     for name in report.decoder + ["encoder." + n for n in report.loaded]:
         assert torch.equal(mine[name], theirs[name]), name
+
+
+def test_restoration_decoder_is_loaded_strictly_adapted_to_more_channels_and_reported_when_unused(
+        small_adrenal: Path, tmp_path: Path) -> None:
+    """Fine-tuning on two channels after a one-channel restoration pretraining: the decoder's last block (it reads
+    the image too) is adapted like the stem, not dropped; a DUC decoder has no place for it, and the report says so."""
+    from RubikSSLLib.models import DUCNet
+
+    config = config_for("mae", tmp_path, steps=2, eval_every=2, val_puzzles=4, data=[str(small_adrenal)])
+    training.Pretraining(config, Reporter("none")).run()
+    state = checkpoint.load_model(tmp_path / "mae" / "model.safetensors")[0]
+    two_channels = dataclasses.replace(SMALL_ENCODER, in_channels=2)
+    network = UNet(Encoder(two_channels), num_classes=2)
+    report, _ = transfer.load_encoder(network, tmp_path / "mae")
+    name = "decoder.stem_block.0.weight"
+    assert name in report.adapted and name in report.decoder
+    assert len(report.decoder) == len(network.decoder.state_dict())
+    pretrained, features = state[name], SMALL_ENCODER.widths[0]
+    expected = torch.cat([pretrained[:, :features], pretrained[:, features:].repeat(1, 2, 1, 1, 1) / 2], dim=1)
+    torch.testing.assert_close(network.state_dict()[name], expected, rtol=0, atol=0)
+    duc = DUCNet(Encoder(SMALL_ENCODER), num_classes=2)
+    report, _ = transfer.load_encoder(duc, tmp_path / "mae")
+    assert report.decoder == [] and report.decoder_unused == len(network.decoder.state_dict())
+    assert "not used" in report.summary()
+
+
+def test_model_files_with_the_old_loose_unet_decoder_names_still_load() -> None:
+    from RubikSSLLib.models import upgrade_unet_names
+
+    network = UNet(Encoder(SMALL_ENCODER), num_classes=2)
+    old = {(k[len("decoder."):] if k.startswith("decoder.") else k): v.clone() for k, v in network.state_dict().items()}
+    assert "up.0.weight" in old and not any(k.startswith("decoder.") for k in old)
+    again = UNet(Encoder(SMALL_ENCODER), num_classes=2)
+    again.load_state_dict(old, strict=True)
+    for name, tensor in network.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name
+    assert set(upgrade_unet_names(old)) == set(network.state_dict())
 
 
 @pytest.mark.parametrize("task", [t for t in tasks.names() if t not in tasks.PUZZLE_TASKS])

@@ -77,8 +77,8 @@ class ExemplarTask(PretextTask):
         return codes[: len(batch["input"])], codes[len(batch["input"]):]
 
     def loss(self, outputs: tuple[torch.Tensor, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        positive, negative = triplet_terms(*outputs)
-        return nn.functional.relu(positive - negative + MARGIN).mean()
+        anchor, positive = outputs
+        return nn.functional.triplet_margin_loss(anchor, positive, positive.roll(1, dims=0), margin=MARGIN)
 
     def scores(self, outputs: tuple[torch.Tensor, torch.Tensor], batch: dict[str, torch.Tensor]) -> dict[str, float]:
         if len(batch["input"]) < 2:  # no other example to be the negative
