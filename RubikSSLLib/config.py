@@ -175,7 +175,6 @@ class PretrainConfig(JsonConfig):
         """From nested option values (what `options.given` returns, or what the panel sets): the task's own
         default crop (taskspec.default_puzzle) unless cube settings are given."""
         task = values.get("task", "rubik")
-        taskspec.parse(task)
         puzzle = taskspec.default_puzzle(task, values.get("puzzle", {}).get("grid"))
         return build(cls, values, cls(data=list(values.get("data", [])), out=str(values.get("out", "")), task=task,
                                       puzzle=puzzle))

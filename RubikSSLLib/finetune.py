@@ -19,9 +19,8 @@ from RubikSSLLib.errors import BadInput
 from RubikSSLLib.networks import channels_last
 from RubikSSLLib.preprocess import to_network_range
 from RubikSSLLib.progress import Reporter
-from RubikSSLLib.runloop import RunLoop, learning_rate_scale
+from RubikSSLLib.runloop import RunLoop, learning_rate_scale, recalibrate_batchnorm
 from RubikSSLLib.stopping import StopSignal
-from RubikSSLLib.training import recalibrate_batchnorm
 
 __all__ = ["Case", "FinetuneConfig", "Finetuning", "check_label_kinds", "choose_fraction"]
 

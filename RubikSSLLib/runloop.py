@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 import platform
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 from RubikSSLLib import __version__, checkpoint, rundir
 from RubikSSLLib.devices import select_device
@@ -34,6 +36,39 @@ def learning_rate_scale(step: float, total: float, warmup: float, schedule: str,
         return 1.0
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
+
+
+
+class _Through(nn.Module):
+    """`model` seen through a batch-level forward function, so torch's update_bn can feed it whole batches."""
+
+    def __init__(self, model: nn.Module, forward: Callable[[dict[str, torch.Tensor]], object]) -> None:
+        super().__init__()
+        self.model, self.run = model, forward
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> object:
+        return self.run(batch)
+
+
+def recalibrate_batchnorm(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], count: int,
+                          device: torch.device, key: str = "cubes",
+                          forward: Callable[[dict[str, torch.Tensor]], object] | None = None) -> None:
+    """Re-estimate BatchNorm running statistics as a plain average over `count` training batches
+    (torch.optim.swa_utils.update_bn), fed as `model(batch[key])` or through `forward(batch)`.
+
+    Running statistics trail fast-moving weights under Adam; evaluating with stale ones made a prototype's
+    held-out ordering swing 0.89 -> 0.41 while the same weights scored 0.99 once re-estimated."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return  # and draw no batch
+    inputs = (move_batch(next(batches), device) for _ in range(count))
+    if forward is None:
+        torch.optim.swa_utils.update_bn((batch[key] for batch in inputs), model)
+    else:
+        torch.optim.swa_utils.update_bn(inputs, _Through(model, forward))
 
 
 class RunLoop:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from RubikSSLLib.errors import BadInput
 from RubikSSLLib.networks import channels_last
 from RubikSSLLib.tasks.base import PretextTask
 from RubikSSLLib.progress import Reporter
-from RubikSSLLib.runloop import RunLoop, learning_rate_scale, versions  # noqa: F401 - versions: the probe's
+from RubikSSLLib.runloop import RunLoop, learning_rate_scale, move_batch, recalibrate_batchnorm  # noqa: F401 - shared
 from RubikSSLLib.stopping import StopSignal
 
 
@@ -103,39 +103,6 @@ def split_cases(train: list[Loaded], validation: list[Loaded], config: PretrainC
     order = np.random.default_rng(config.seed).permutation(len(train))
     held_out = max(1, round(config.val_fraction * len(train)))
     return [train[i] for i in order[held_out:]], [train[i] for i in order[:held_out]]
-
-
-def move_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {name: value.to(device, non_blocking=True) for name, value in batch.items()}
-
-
-
-class _Through(nn.Module):
-    """`model` seen through a batch-level forward function, so torch's update_bn can feed it whole batches."""
-
-    def __init__(self, model: nn.Module, forward: Callable[[dict[str, torch.Tensor]], object]) -> None:
-        super().__init__()
-        self.model, self.run = model, forward
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> object:
-        return self.run(batch)
-
-
-def recalibrate_batchnorm(model: nn.Module, batches: Iterator[dict[str, torch.Tensor]], count: int,
-                          device: torch.device, key: str = "cubes",
-                          forward: Callable[[dict[str, torch.Tensor]], object] | None = None) -> None:
-    """Re-estimate BatchNorm running statistics as a plain average over `count` training batches
-    (torch.optim.swa_utils.update_bn), fed as `model(batch[key])` or through `forward(batch)`.
-
-    Running statistics trail fast-moving weights under Adam; evaluating with stale ones made a prototype's
-    held-out ordering swing 0.89 -> 0.41 while the same weights scored 0.99 once re-estimated."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return  # and draw no batch
-    inputs = (move_batch(next(batches), device) for _ in range(count))
-    if forward is None:
-        torch.optim.swa_utils.update_bn((batch[key] for batch in inputs), model)
-    else:
-        torch.optim.swa_utils.update_bn(inputs, _Through(model, forward))
 
 
 @torch.no_grad()

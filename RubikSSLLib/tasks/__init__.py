@@ -1,4 +1,4 @@
-"""Pretext tasks by name. Adding a task: one module with a PretextTask subclass, plus its line here."""
+"""Pretext tasks by name. Adding a task: one module with a PretextTask subclass, plus its line in taskspec.REGISTRY."""
 
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ REGISTRY, PUZZLE_TASKS, names, parse = taskspec.REGISTRY, taskspec.PUZZLE_TASKS,
 
 def create(config: PretrainConfig) -> PretextTask:
     """The task named by config.task (or the combination it lists), ready to sample, build its model and score."""
+    import dataclasses
     import importlib
 
     parts = parse(config.task)
     if len(parts) > 1 or parts[0][1] != 1.0:
         from RubikSSLLib.tasks.combined import CombinedTask
 
-        return CombinedTask(config, parts)
+        return CombinedTask(config, [(create(dataclasses.replace(config, task=name)), weight) for name, weight in parts])
     module, cls = REGISTRY[config.task].split(":")
     return getattr(importlib.import_module(f"RubikSSLLib.tasks.{module}"), cls)(config)

@@ -8,8 +8,6 @@ so fine-tuning loads it unchanged; a restoration task's decoder transfers too (t
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 from torch import nn
@@ -49,17 +47,16 @@ class CombinedTask(PretextTask):
     name = "combined"
     input_key = ""  # the model reads the whole batch
 
-    def __init__(self, config, parts: list[tuple[str, float]]) -> None:
+    def __init__(self, config, parts: list[tuple[PretextTask, float]]) -> None:
+        """parts: each task (built by tasks.create for its own name) with its loss weight."""
         super().__init__(config)
-        from RubikSSLLib import tasks
-
         if config.encoder.norm == "batch":
             # measured: jigsaw+mae on AdrenalMNIST3D ordered 0.52 of held-out puzzles with batch statistics but 0.14
             # with the running ones, which mixed the cubes' and the masked crops' statistics
             raise BadInput(f"--task {config.task}: tasks combined on one encoder would share BatchNorm statistics "
                            "between their different inputs; add --norm group")
-        self.parts = [tasks.create(dataclasses.replace(config, task=name)) for name, _ in parts]
-        self.weights = {name: weight for name, weight in parts}
+        self.parts = [part for part, _ in parts]
+        self.weights = {part.name: weight for part, weight in parts}
         first = self.parts[0]
         self.primary_metric = f"{first.name}/{first.primary_metric}"
         self.higher_is_better = first.higher_is_better
