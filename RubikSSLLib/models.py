@@ -50,6 +50,14 @@ def upgrade_unet_names(state: dict[str, torch.Tensor], prefix: str = "") -> dict
     return renamed
 
 
+def _upgrade_unet_state(state: dict, prefix: str, *args) -> None:
+    """load_state_dict pre-hook of the modules holding a UNetDecoder: old loose decoder names load too."""
+    upgraded = upgrade_unet_names({k: v for k, v in state.items() if k.startswith(prefix)}, prefix)
+    for name in [k for k in state if k.startswith(prefix)]:
+        del state[name]
+    state.update(upgraded)
+
+
 class UNet(nn.Module):
     """U-Net whose encoder IS the pretraining encoder, with a UNetDecoder and a 1x1x1 head."""
 
@@ -58,18 +66,26 @@ class UNet(nn.Module):
         self.encoder = encoder
         self.decoder = UNetDecoder(encoder.config.widths, encoder.config.in_channels, encoder.config.norm)
         self.head = nn.Conv3d(encoder.config.widths[0], num_classes, 1)
-        self._register_load_state_dict_pre_hook(self._upgrade_names)
-
-    @staticmethod
-    def _upgrade_names(state: dict, prefix: str, *args) -> None:
-        upgraded = upgrade_unet_names({k: v for k, v in state.items() if k.startswith(prefix)}, prefix)
-        for name in [k for k in state if k.startswith(prefix)]:
-            del state[name]
-        state.update(upgraded)
+        self._register_load_state_dict_pre_hook(_upgrade_unet_state)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, Z, Y, X) -> logits (B, num_classes, Z, Y, X)."""
         return self.head(self.decoder(self.encoder(x), x))
+
+
+class RestorationHead(nn.Module):
+    """The restoration tasks' head: the U-Net's decoder and a 1x1x1 convolution back to the input's channels, on
+    an encoder it is handed (networks.PretextNet). Its `decoder.*` is what a fine-tuning U-Net loads."""
+
+    def __init__(self, widths: tuple[int, ...], in_channels: int, norm: str) -> None:
+        super().__init__()
+        self.decoder = UNetDecoder(widths, in_channels, norm)
+        self.head = nn.Conv3d(widths[0], in_channels, 1)
+        self._register_load_state_dict_pre_hook(_upgrade_unet_state)
+
+    def forward(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, Z, Y, X) corrupted -> (B, C, Z, Y, X) restored."""
+        return self.head(self.decoder(encoder(x), x))
 
 
 class DUCNet(nn.Module):

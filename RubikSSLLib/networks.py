@@ -84,17 +84,44 @@ def mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class RubikNet(nn.Module):
+class PretextNet(nn.Module):
+    """A pretext task's network: the encoder and the task's head. A head owns no encoder: it is handed the encoder on
+    every call, head(encoder, x), so several heads can share one encoder (combined tasks) without any of them
+    registering it again. Parameters: `encoder.*` (what fine-tuning loads) and `head.*`."""
+
+    def __init__(self, encoder: Encoder, head: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self._register_load_state_dict_pre_hook(self._upgrade_names)
+
+    def _upgrade_names(self, state: dict, prefix: str, *args) -> None:
+        """Model files before 0.2 kept the head's layers beside the encoder (`order_head.0.weight`): put every
+        non-encoder tensor under `head.` when that is what makes the names match this network."""
+        own = set(self.state_dict())
+        names = [k for k in state if k.startswith(prefix)]
+        if {k[len(prefix):] for k in names} == own:
+            return
+        renamed = {}
+        for name in names:
+            rest = name[len(prefix):]
+            renamed[name if rest.startswith("encoder.") else f"{prefix}head.{rest}"] = state.pop(name)
+        state.update(renamed)
+
+    def forward(self, x: torch.Tensor):
+        return self.head(self.encoder, x)
+
+
+class RubikHead(nn.Module):
     """Siamese-Octad: the encoder runs on every cube with shared weights; per cube GAP -> FC64 + ReLU + BN;
     the M codes are concatenated; order head FC1024-FC1024-FC K; rotation heads FC1024-FC M (kept shallow:
     deeper rotation heads collapsed in the Medical-SSL ablation)."""
 
-    def __init__(self, encoder: Encoder, num_cubes: int, num_permutations: int, code_size: int = 64,
+    def __init__(self, features: int, num_cubes: int, num_permutations: int, code_size: int = 64,
                  rotation_heads: bool = True, mask_head: bool = False) -> None:
         super().__init__()
-        self.encoder = encoder
         self.num_cubes = num_cubes
-        self.project = nn.Sequential(nn.Linear(encoder.out_channels, code_size), nn.ReLU(inplace=True), nn.BatchNorm1d(code_size))
+        self.project = nn.Sequential(nn.Linear(features, code_size), nn.ReLU(inplace=True), nn.BatchNorm1d(code_size))
         joint = num_cubes * code_size
         self.order_head = mlp([joint, 1024, 1024, num_permutations])
         if rotation_heads:  # a plain jigsaw has none (unused parameters would stall DistributedDataParallel)
@@ -103,10 +130,10 @@ class RubikNet(nn.Module):
         if mask_head:  # Rubik's cube+: which cubes were masked
             self.mask_head = mlp([joint, 1024, num_cubes])
 
-    def forward(self, cubes: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, encoder: Encoder, cubes: torch.Tensor) -> dict[str, torch.Tensor]:
         """cubes: (B, M, C, cz, cy, cx) -> logits: order (B, K), hor (B, M), ver (B, M), mask (B, M) if built."""
         batch, cubes_per_puzzle = cubes.shape[:2]
-        features = self.encoder(cubes.flatten(0, 1))[-1]
+        features = encoder(cubes.flatten(0, 1))[-1]
         codes = self.project(features.mean(dim=(2, 3, 4)).float())
         joint = codes.reshape(batch, cubes_per_puzzle * codes.shape[1])
         logits = {"order": self.order_head(joint)}
@@ -115,6 +142,26 @@ class RubikNet(nn.Module):
         if hasattr(self, "mask_head"):
             logits["mask"] = self.mask_head(joint)
         return logits
+
+
+class RubikNet(PretextNet):
+    """The encoder with a RubikHead."""
+
+    def __init__(self, encoder: Encoder, num_cubes: int, num_permutations: int, code_size: int = 64,
+                 rotation_heads: bool = True, mask_head: bool = False) -> None:
+        super().__init__(encoder, RubikHead(encoder.out_channels, num_cubes, num_permutations, code_size,
+                                            rotation_heads, mask_head))
+
+
+class PoolHead(nn.Module):
+    """Global average pooling of the encoder's last map + dropout + linear: (B, C, Z, Y, X) -> (B, classes)."""
+
+    def __init__(self, features: int, classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(features, classes))
+
+    def forward(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
+        return self.head(encoder(x)[-1].mean(dim=(2, 3, 4)))
 
 
 def rubik_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -232,6 +232,7 @@ class Pretraining(RunLoop):
             "chance": self.task.chance(),
             "primary_metric": self.task.primary_metric,
             "pretrains_decoder": self.task.has_decoder,
+            **({"decoder_prefix": self.task.decoder_prefix()} if self.task.has_decoder else {}),
         }
 
 

@@ -75,7 +75,7 @@ def load_encoder(network: nn.Module, run_or_file: str | Path) -> tuple[LoadRepor
     report.missing = [name for name in target if name not in pretrained]
     network.encoder.load_state_dict(target, strict=True)
     if card.get("pretrains_decoder"):
-        prefix = card.get("decoder_prefix", "")  # a combined task keeps its restoration U-Net under heads.<task>.
+        prefix = card.get("decoder_prefix", "")  # head. (heads.<task>. when combined); "" before 0.2
         state = models.upgrade_unet_names(state, prefix)
         decoder = {k[len(prefix) + len(DECODER_PREFIX):]: v for k, v in state.items()
                    if k.startswith(prefix + DECODER_PREFIX)}

@@ -15,8 +15,8 @@ from conftest import ADRENAL, rubikssl, shared
 from RubikSSLLib import checkpoint, cli, puzzle, sampling, tasks, training, transfer
 from RubikSSLLib.config import PretrainConfig
 from RubikSSLLib.intensity import IntensityMap
-from RubikSSLLib.models import UNet
-from RubikSSLLib.networks import Encoder, EncoderConfig
+from RubikSSLLib.models import RestorationHead, UNet
+from RubikSSLLib.networks import Encoder, EncoderConfig, PretextNet, RubikNet
 from RubikSSLLib.progress import Reporter
 from RubikSSLLib.puzzle import PuzzleSpec
 from RubikSSLLib.tasks import cpc, exemplar, rpl
@@ -225,8 +225,10 @@ def test_restoration_pretraining_hands_its_decoder_to_the_unet(small_adrenal: Pa
     report, _ = transfer.load_encoder(network, tmp_path / "mae")
     assert report.decoder and not any(name.startswith("head.") for name in report.decoder)
     mine, theirs = network.state_dict(), pretrained.state_dict()
-    for name in report.decoder + ["encoder." + n for n in report.loaded]:
-        assert torch.equal(mine[name], theirs[name]), name
+    for name in report.decoder:  # the pretext network keeps its decoder in its head
+        assert torch.equal(mine[name], theirs[f"head.{name}"]), name
+    for name in report.loaded:
+        assert torch.equal(mine[f"encoder.{name}"], theirs[f"encoder.{name}"]), name
 
 
 def test_restoration_decoder_is_loaded_strictly_adapted_to_more_channels_and_reported_when_unused(
@@ -244,7 +246,7 @@ def test_restoration_decoder_is_loaded_strictly_adapted_to_more_channels_and_rep
     name = "decoder.stem_block.0.weight"
     assert name in report.adapted and name in report.decoder
     assert len(report.decoder) == len(network.decoder.state_dict())
-    pretrained, features = state[name], SMALL_ENCODER.widths[0]
+    pretrained, features = state[f"head.{name}"], SMALL_ENCODER.widths[0]
     expected = torch.cat([pretrained[:, :features], pretrained[:, features:].repeat(1, 2, 1, 1, 1) / 2], dim=1)
     torch.testing.assert_close(network.state_dict()[name], expected, rtol=0, atol=0)
     duc = DUCNet(Encoder(SMALL_ENCODER), num_classes=2)
@@ -264,6 +266,17 @@ def test_model_files_with_the_old_loose_unet_decoder_names_still_load() -> None:
     for name, tensor in network.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
     assert set(upgrade_unet_names(old)) == set(network.state_dict())
+    # pretext networks before 0.2 kept their head's layers beside the encoder, and the restoration head a loose U-Net
+    for net in (RubikNet(Encoder(SMALL_ENCODER), 8, 10), PretextNet(Encoder(SMALL_ENCODER),
+                                                                    RestorationHead(SMALL_ENCODER.widths, 1, "batch"))):
+        new = net.state_dict()
+        legacy = {(k[len("head."):] if k.startswith("head.") else k): v.clone() for k, v in new.items()}
+        legacy = {k.replace("decoder.", "", 1) if k.startswith("decoder.") else k: v for k, v in legacy.items()}
+        assert "head.weight" in legacy or "order_head.0.weight" in legacy
+        fresh = type(net)(Encoder(SMALL_ENCODER), 8, 10) if isinstance(net, RubikNet) else PretextNet(
+            Encoder(SMALL_ENCODER), RestorationHead(SMALL_ENCODER.widths, 1, "batch"))
+        fresh.load_state_dict(legacy, strict=True)
+        assert all(torch.equal(fresh.state_dict()[k], v) for k, v in new.items())
 
 
 @pytest.mark.parametrize("task", [t for t in tasks.names() if t not in tasks.PUZZLE_TASKS])
@@ -303,7 +316,7 @@ def test_combined_tasks_share_one_encoder_saved_once_and_both_learn(small_adrena
     assert metrics["rubik/val_ordering_acc"] > 0.1 + 0.1 and metrics["mae/val_restoration_gain"] > 0.1, metrics
     model, card = training.load_pretrained(tmp_path / "both")
     assert card["primary_metric"] == "rubik/val_ordering_acc" and card["parts"]["mae"]["weight"] == 0.5
-    assert model.heads["rubik"].encoder is model.encoder is model.heads["mae"].encoder
+    assert not any(isinstance(m, Encoder) for m in model.heads.modules())  # the heads read the shared encoder
     names = list(model.state_dict())
     assert not any(".encoder." in n for n in names) and any(n.startswith("encoder.") for n in names)
     network = UNet(Encoder(config.encoder), num_classes=2)

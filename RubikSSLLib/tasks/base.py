@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from RubikSSLLib.errors import BadInput
-from RubikSSLLib.networks import Encoder
+from RubikSSLLib.networks import Encoder, PretextNet
 from RubikSSLLib.sampling import Crop, CropShape, PreparedCase
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ class PretextTask(ABC):
     """One self-supervised task.
 
     sample(case, rng, train) -> dict of tensors for one example (train=False: the deterministic variant used for
-    the fixed validation set); build_model() -> nn.Module with `.encoder`; loss(outputs, batch) -> scalar;
+    the fixed validation set); build_head() -> the head that reads the encoder; build_model() -> encoder + head; loss(outputs, batch) -> scalar;
     scores(outputs, batch) -> per-batch SUMS of per-example validation scores (the evaluator divides by the count).
     """
 
@@ -43,7 +43,21 @@ class PretextTask(ABC):
     def sample(self, case: PreparedCase, rng: np.random.Generator, train: bool) -> dict[str, torch.Tensor]: ...
 
     @abstractmethod
-    def build_model(self) -> nn.Module: ...
+    def build_head(self) -> nn.Module:
+        """The task's head: forward(encoder, input) -> outputs. It owns no encoder (see networks.PretextNet)."""
+
+    def build_model(self) -> nn.Module:
+        """The encoder and the head: parameters `encoder.*` and `head.*`."""
+        return PretextNet(self.encoder(), self.build_head())
+
+    @property
+    def features(self) -> int:
+        """Channels of the encoder's last feature map (what a head reads)."""
+        return self.config.encoder.widths[-1]
+
+    def decoder_prefix(self) -> str:
+        """Where a restoration task's U-Net decoder sits in the model's parameters (for fine-tuning to find it)."""
+        return "head."
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
         return model(batch[self.input_key])

@@ -8,6 +8,8 @@ so fine-tuning loads it unchanged; a restoration task's decoder transfers too (t
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch import nn
@@ -24,23 +26,18 @@ def sub_batch(batch: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tens
 
 
 class CombinedNet(nn.Module):
-    """One encoder (registered once, as `encoder`) and each task's model under `heads.<task>`, whose own `encoder`
-    attribute points at the shared one without registering it again (a shared tensor saved twice is refused by
-    safetensors and would load as two copies)."""
+    """One encoder and each task's head under `heads.<task>`; the heads read the shared encoder (registered once,
+    so it is saved once), none owns it."""
 
     def __init__(self, encoder: Encoder, parts: list[PretextTask]) -> None:
         super().__init__()
         self.encoder = encoder
-        self.heads = nn.ModuleDict()
-        for part in parts:
-            head = part.build_model()
-            del head._modules["encoder"]
-            object.__setattr__(head, "encoder", encoder)
-            self.heads[part.name] = head
+        self.heads = nn.ModuleDict({part.name: part.build_head() for part in parts})
         self.parts = parts  # plain list of task objects: not modules
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict:
-        return {part.name: part.forward(self.heads[part.name], sub_batch(batch, part.name)) for part in self.parts}
+        return {part.name: part.forward(functools.partial(self.heads[part.name], self.encoder), sub_batch(batch, part.name))
+                for part in self.parts}
 
 
 class CombinedTask(PretextTask):
@@ -73,6 +70,9 @@ class CombinedTask(PretextTask):
     def sample(self, case: sampling.PreparedCase, rng: np.random.Generator, train: bool) -> dict[str, torch.Tensor]:
         return {f"{p.name}/{key}": value for p in self.parts for key, value in p.sample(case, rng, train).items()}
 
+    def build_head(self) -> nn.Module:
+        raise NotImplementedError("a combined task has one head per part: build_model")
+
     def build_model(self) -> nn.Module:
         return CombinedNet(self.encoder(), self.parts)
 
@@ -93,8 +93,10 @@ class CombinedTask(PretextTask):
         return {f"{p.name}/{key}": value for p in self.parts for key, value in p.chance().items()}
 
     def card(self) -> dict:
-        card = {"parts": {p.name: {"weight": self.weights[p.name], **p.card()} for p in self.parts}}
-        return card | ({"decoder_prefix": f"heads.{self.decoder_part.name}."} if self.decoder_part else {})
+        return {"parts": {p.name: {"weight": self.weights[p.name], **p.card()} for p in self.parts}}
+
+    def decoder_prefix(self) -> str:
+        return f"heads.{self.decoder_part.name}." if self.decoder_part else ""
 
     def views(self, sample: dict[str, np.ndarray], original: np.ndarray, start: np.ndarray) -> dict[str, np.ndarray]:
         """The first task's views (its crop may be smaller than the combined one: it sits at the same corner)."""

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from RubikSSLLib import sampling
-from RubikSSLLib.networks import Encoder, mlp
+from RubikSSLLib.networks import Encoder, PretextNet, mlp
 from RubikSSLLib.tasks.base import PretextTask
 
 GRID = 4
@@ -61,24 +61,30 @@ def info_nce(predicted: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tenso
     return nn.functional.cross_entropy(logits, labels), logits.argmax(1) == labels
 
 
-class CPCNet(nn.Module):
+class CPCHead(nn.Module):
     """patches (B, GRID^3, C, pz, py, px) -> predicted and target codes of the lower rows, each
     (B, GRID - CONTEXT_ROWS, GRID, GRID, CODE_SIZE)."""
 
-    def __init__(self, encoder: Encoder, code_size: int = CODE_SIZE) -> None:
+    def __init__(self, features: int, code_size: int = CODE_SIZE) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.project = nn.Linear(encoder.out_channels, code_size)
+        self.project = nn.Linear(features, code_size)
         self.context = nn.Sequential(mlp([CONTEXT_ROWS * code_size, 256]), nn.ReLU(inplace=True))
         self.predictors = nn.ModuleList(nn.Linear(256, code_size) for _ in range(GRID - CONTEXT_ROWS))
 
-    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, encoder: Encoder, patches: torch.Tensor) -> dict[str, torch.Tensor]:
         batch = patches.shape[0]
-        codes = self.project(self.encoder(patches.flatten(0, 1))[-1].mean(dim=(2, 3, 4)).float())
+        codes = self.project(encoder(patches.flatten(0, 1))[-1].mean(dim=(2, 3, 4)).float())
         codes = codes.reshape(batch, GRID, GRID, GRID, -1)  # (B, z, y, x, D)
         context = self.context(codes[:, :CONTEXT_ROWS].permute(0, 2, 3, 1, 4).flatten(3))  # (B, y, x, 256)
         predicted = torch.stack([predictor(context) for predictor in self.predictors], dim=1)
         return {"predicted": predicted, "target": codes[:, CONTEXT_ROWS:]}
+
+
+class CPCNet(PretextNet):
+    """The encoder with a CPCHead."""
+
+    def __init__(self, encoder: Encoder, code_size: int = CODE_SIZE) -> None:
+        super().__init__(encoder, CPCHead(encoder.out_channels, code_size))
 
 
 class CPCTask(PretextTask):
@@ -108,8 +114,8 @@ class CPCTask(PretextTask):
         patches = sample["patches"].reshape(GRID, GRID, GRID, *sample["patches"].shape[1:])
         return {"input": join_patches(patches), "target": original}
 
-    def build_model(self) -> nn.Module:
-        return CPCNet(self.encoder())
+    def build_head(self) -> nn.Module:
+        return CPCHead(self.features)
 
     def _pairs(self, outputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return outputs["predicted"].flatten(0, 3), outputs["target"].flatten(0, 3)

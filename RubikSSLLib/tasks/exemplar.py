@@ -34,16 +34,15 @@ def augment(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(view, -1, 1)
 
 
-class Embedder(nn.Module):
-    """Encoder + global average pooling + MLP -> L2-normalised code (B, CODE_SIZE)."""
+class EmbedderHead(nn.Module):
+    """Global average pooling of the encoder's last map + MLP -> L2-normalised code (B, CODE_SIZE)."""
 
-    def __init__(self, encoder: Encoder, code_size: int = CODE_SIZE) -> None:
+    def __init__(self, features: int, code_size: int = CODE_SIZE) -> None:
         super().__init__()
-        self.encoder = encoder
-        self.head = mlp([encoder.out_channels, 256, code_size])
+        self.head = mlp([features, 256, code_size])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        code = self.head(self.encoder(x)[-1].mean(dim=(2, 3, 4)).float())
+    def forward(self, encoder: Encoder, x: torch.Tensor) -> torch.Tensor:
+        code = self.head(encoder(x)[-1].mean(dim=(2, 3, 4)).float())
         return nn.functional.normalize(code, dim=1)
 
 
@@ -69,8 +68,8 @@ class ExemplarTask(PretextTask):
         """target: the augmented view the crop must embed close to."""
         return {"input": sample["input"], "target": sample["positive"]}
 
-    def build_model(self) -> nn.Module:
-        return Embedder(self.encoder())
+    def build_head(self) -> nn.Module:
+        return EmbedderHead(self.features)
 
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         codes = model(torch.cat([batch["input"], batch["positive"]]))

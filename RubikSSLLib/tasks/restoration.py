@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from RubikSSLLib import sampling
-from RubikSSLLib.models import UNet
+from RubikSSLLib.models import RestorationHead
 from RubikSSLLib.tasks.base import PretextTask, single_crop_shape
 
 
@@ -33,8 +33,9 @@ class RestorationTask(PretextTask):
         return {"input": torch.from_numpy(np.ascontiguousarray(corrupted, dtype=np.float32)),
                 "target": torch.from_numpy(target), "weight": torch.from_numpy(weight.astype(np.float32))}
 
-    def build_model(self) -> nn.Module:
-        return UNet(self.encoder(), self.config.encoder.in_channels)
+    def build_head(self) -> nn.Module:
+        encoder = self.config.encoder
+        return RestorationHead(encoder.widths, encoder.in_channels, encoder.norm)
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return weighted_mse(outputs.float(), batch["target"], batch["weight"]).mean()

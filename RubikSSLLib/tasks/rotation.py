@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from RubikSSLLib import sampling
-from RubikSSLLib.models import Classifier
+from RubikSSLLib.networks import PoolHead
 from RubikSSLLib.tasks.base import PretextTask, check_cubic, single_crop_shape
 
 NUM_ROTATIONS = 10
@@ -39,8 +39,8 @@ class RotationTask(PretextTask):
         label = int(rng.integers(NUM_ROTATIONS))
         return {"input": torch.from_numpy(np.ascontiguousarray(rotated_views(block)[label])), "label": torch.tensor(label)}
 
-    def build_model(self) -> nn.Module:
-        return Classifier(self.encoder(), NUM_ROTATIONS, dropout=0.0)
+    def build_head(self) -> nn.Module:
+        return PoolHead(self.features, NUM_ROTATIONS, dropout=0.0)
 
     def loss(self, outputs: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return nn.functional.cross_entropy(outputs.float(), batch["label"])

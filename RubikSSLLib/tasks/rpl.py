@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from RubikSSLLib import puzzle, sampling
-from RubikSSLLib.networks import RubikNet
+from RubikSSLLib.networks import RubikHead
 from RubikSSLLib.tasks.base import PretextTask
 
 CENTRE = 13  # cell (1, 1, 1) of the 3x3x3 grid in C order
@@ -48,8 +48,8 @@ class RPLTask(PretextTask):
         chosen = corners[[CENTRE, neighbour_cell(label)]]
         return {"cubes": torch.from_numpy(cubes), "label": torch.tensor(label), "corners": torch.from_numpy(chosen)}
 
-    def build_model(self) -> nn.Module:
-        return RubikNet(self.encoder(), num_cubes=2, num_permutations=NUM_POSITIONS, rotation_heads=False)
+    def build_head(self) -> nn.Module:
+        return RubikHead(self.features, num_cubes=2, num_permutations=NUM_POSITIONS, rotation_heads=False)
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return nn.functional.cross_entropy(outputs["order"].float(), batch["label"])

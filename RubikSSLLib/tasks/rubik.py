@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from RubikSSLLib import puzzle, sampling
-from RubikSSLLib.networks import RubikNet, rubik_loss
+from RubikSSLLib.networks import RubikHead, rubik_loss
 from RubikSSLLib.tasks.base import PretextTask
 
 
@@ -26,9 +26,9 @@ class RubikTask(PretextTask):
     def sample(self, case: sampling.PreparedCase, rng: np.random.Generator, train: bool) -> dict[str, torch.Tensor]:
         return sampling.to_sample(sampling.make_puzzle(case, self.config.puzzle, self.table, rng, train, rotate=self.rotate))
 
-    def build_model(self) -> nn.Module:
-        return RubikNet(self.encoder(), self.config.puzzle.num_cubes, self.config.puzzle.num_permutations,
-                        rotation_heads=self.rotate)
+    def build_head(self) -> nn.Module:
+        return RubikHead(self.features, self.config.puzzle.num_cubes, self.config.puzzle.num_permutations,
+                         rotation_heads=self.rotate)
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return rubik_loss(outputs, batch)

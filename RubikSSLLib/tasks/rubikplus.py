@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from RubikSSLLib import sampling
-from RubikSSLLib.networks import RubikNet, rubik_loss
+from RubikSSLLib.networks import RubikHead, rubik_loss
 from RubikSSLLib.tasks.rubik import RubikTask
 
 MASK_PROBABILITY = 0.5  # per cube
@@ -34,8 +34,8 @@ class RubikPlusTask(RubikTask):
         cubes, masked = mask_cubes(sample["cubes"].numpy(), rng)
         return sample | {"cubes": torch.from_numpy(cubes), "masked": torch.from_numpy(masked)}
 
-    def build_model(self) -> nn.Module:
-        return RubikNet(self.encoder(), self.config.puzzle.num_cubes, self.config.puzzle.num_permutations, mask_head=True)
+    def build_head(self) -> nn.Module:
+        return RubikHead(self.features, self.config.puzzle.num_cubes, self.config.puzzle.num_permutations, mask_head=True)
 
     def loss(self, outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         masking = nn.functional.binary_cross_entropy_with_logits(outputs["mask"].float(), batch["masked"])
