@@ -194,7 +194,7 @@ def run_evaluate(args: argparse.Namespace, reporter: Reporter) -> int:
     out = Path(values["out"])
     base = finetune_config({**values, "out": str(out / "runs")})
     summary = evaluate.run_evaluation(base, values["init"], settings.fractions, list(range(settings.seeds)), out,
-                                      reporter, settings.last_epochs)
+                                      reporter, settings.last_epochs, settings.test, settings.resamples)
     reporter.log((out / "results.md").read_text(encoding="utf-8"))
     reporter.artifact(str(out / "results.md"), "table")
     reporter.artifact(str(out / "results.png"), "plot")

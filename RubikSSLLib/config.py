@@ -194,11 +194,18 @@ class FinetuneConfig(JsonConfig):
     label_fraction: float = field(default=1.0, metadata=option("use this fraction of the training cases"))
     decoder: str = field(default="unet", metadata=option("segmentation decoder", choices=("unet", "duc")))
     freeze_epochs: int = field(default=0, metadata=option("epochs with a frozen encoder before full fine-tuning"))
-    warmup_epochs: float = field(default=0.0, metadata=option("linear learning-rate warm-up, in epochs"))
+    warmup_epochs: float | None = field(default=None, metadata=option(
+        "linear learning-rate warm-up, in epochs", parse=float, default_note="a tenth of the epochs, at most 1"))
     encoder_lr_factor: float = field(default=1.0, metadata=option(
         "the encoder's learning rate relative to --learning-rate (e.g. 0.1)"))
-    lr_schedule: str = field(default="constant", metadata=option(
+    lr_schedule: str = field(default="cosine", metadata=option(
         "after the warm-up: constant, or a cosine decay to 0 at the last epoch", choices=("constant", "cosine")))
+    augment: str = field(default="default", metadata=option(
+        "training augmentation (RubikSSLLib/augment.py): none, light (flips, intensity) or default (also axial 90-degree "
+        "turns, a small affine, noise); the same for scratch and pretrained", choices=("none", "light", "default")))
+    class_balance: str = field(default="sampling", metadata=option(
+        "classification: draw every class equally often (sampling) or the cases as they come (none)",
+        choices=("sampling", "none")))
     epochs: int = field(default=20, metadata=option("epochs"))
     batch_size: int = field(default=8, metadata=option("cases or patches per step"))
     learning_rate: float = field(default=3e-4, metadata=option("learning rate (Adam)"))
@@ -224,6 +231,11 @@ class FinetuneConfig(JsonConfig):
             raise BadInput(f"--decoder {self.decoder}: use unet or duc")
         if self.lr_schedule not in ("constant", "cosine"):
             raise BadInput(f"--lr-schedule {self.lr_schedule}: use constant or cosine")
+        if self.augment not in ("none", "light", "default") or self.class_balance not in ("sampling", "none"):
+            raise BadInput(f"--augment {self.augment} / --class-balance {self.class_balance}: use none, light or "
+                           "default / sampling or none")
+        if self.warmup_epochs is None:
+            self.warmup_epochs = min(1.0, 0.1 * self.epochs)
         check_range("epochs", self.epochs, 1, 1e6)
         check_range("iterations_per_epoch", self.iterations_per_epoch, 1, 1e7)
         check_range("batch_size", self.batch_size, 1, 4096)
@@ -248,8 +260,11 @@ class FinetuneConfig(JsonConfig):
 
     @classmethod
     def from_json(cls, data: dict) -> FinetuneConfig:
-        if isinstance(data, dict) and data.get("iterations_per_epoch") == 0:
-            data = {**data, "iterations_per_epoch": None}  # configs written before 0.2 say 0 for "automatic"
+        if isinstance(data, dict):
+            if data.get("iterations_per_epoch") == 0:
+                data = {**data, "iterations_per_epoch": None}  # configs written before 0.2 say 0 for "automatic"
+            # runs written before augmentation and class balancing existed resume (and describe) the recipe they ran
+            data = {"augment": "none", "class_balance": "none", **data}
         return super().from_json(data)
 
 
@@ -261,12 +276,17 @@ class EvaluateConfig:
         "label fractions", parse=float_list, metavar="F,F,..."))
     seeds: int = field(default=5, metadata=option("paired seeds 0 .. N-1 (5 or more for any claim)"))
     last_epochs: int = field(default=3, metadata=option("a run's score: mean of its last N epochs"))
+    test: list[str] | None = field(default=None, metadata=option(
+        "held-out test data that only the final score touches (the model picked on --val scores it); without it the "
+        "last model is scored on --val", default_note="none"))
+    resamples: int = field(default=2000, metadata=option("bootstrap resamples for the 95 % interval"))
 
     def __post_init__(self) -> None:
         for fraction in self.fractions:
             check_range("fractions", fraction, 0, 1, low_open=True)
         check_range("seeds", self.seeds, 1, 1000)
         check_range("last_epochs", self.last_epochs, 1, 1e6)
+        check_range("resamples", self.resamples, 100, 1e6)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, MeanIoU, compute_roc_auc
 from torch import nn
 
-from RubikSSLLib import labeled
+from RubikSSLLib import augment, labeled, regions
 from RubikSSLLib.config import FinetuneConfig
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.preprocess import fit_to_size
@@ -40,12 +40,20 @@ class Downstream:
 
     primary_metric: str
 
+    with_label = False  # whether augmentation carries a label map along
+
     def __init__(self, config: FinetuneConfig, rng: np.random.Generator) -> None:
         self.config, self.rng = config, rng
+        self.augment = augment.build(config.augment, config.patch_size, self.with_label, config.seed)
 
     def class_values(self, train: labeled.LabeledSet) -> tuple[dict[int, int], list[str]]:
         """Label value -> class index, and the class names."""
         raise NotImplementedError
+
+    def set_classes(self, values: dict[int, int]) -> None:
+        """The run's label value -> class index map (before validation)."""
+        self.values = dict(values)
+        self.per_case: list[dict] = []  # the last validation, case by case
 
     def check_classes(self, values: dict[int, int], names: list[str], val: list[labeled.LabeledSource]) -> None:
         pass
@@ -65,6 +73,10 @@ class Downstream:
         raise NotImplementedError
 
     def validate(self, model: nn.Module, cases: list[Case], device: torch.device, names: list[str]) -> dict[str, float]:
+        raise NotImplementedError
+
+    def case_outputs(self, model: nn.Module, cases: list[Case], device: torch.device, classes: int) -> dict:
+        """Per-case results for the paired statistics (statistics.py): JSON-ready lists, one entry per case."""
         raise NotImplementedError
 
 
@@ -90,23 +102,46 @@ class Classification(Downstream):
         return math.ceil(cases / self.config.batch_size)  # one pass over the cases
 
     def batches(self, cases: list[Case]) -> Iterator[dict[str, torch.Tensor]]:
+        """With class_balance "sampling" each example's class is drawn uniformly, then a case of it (so a 10 %
+        minority class fills half of a two-class batch); else epochs of shuffled cases."""
+        order = self._balanced(cases) if self.config.class_balance == "sampling" else self._shuffled(cases)
         size = self.config.batch_size
         while True:
-            order = self.rng.permutation(len(cases))
-            for first in range(0, len(order) - size + 1 or 1, size):
-                chunk = [cases[i] for i in order[first : first + size]]
-                yield {"image": torch.from_numpy(np.stack([c.image for c in chunk])),
-                       "target": torch.tensor([c.target for c in chunk])}
+            chunk = [cases[next(order)] for _ in range(min(size, len(cases)))]
+            yield {"image": torch.from_numpy(np.stack([augment.apply(self.augment, c.image)[0] for c in chunk])),
+                   "target": torch.tensor([c.target for c in chunk])}
+
+    def _balanced(self, cases: list[Case]) -> Iterator[int]:
+        by_class: dict[int, list[int]] = {}
+        for index, case in enumerate(cases):
+            by_class.setdefault(int(case.target), []).append(index)
+        members = [by_class[c] for c in sorted(by_class)]
+        while True:
+            chosen = members[int(self.rng.integers(len(members)))]
+            yield chosen[int(self.rng.integers(len(chosen)))]
+
+    def _shuffled(self, cases: list[Case]) -> Iterator[int]:
+        while True:
+            yield from (int(i) for i in self.rng.permutation(len(cases)))
 
     def loss(self) -> nn.Module:
         return nn.CrossEntropyLoss()
 
-    def validate(self, model: nn.Module, cases: list[Case], device: torch.device, names: list[str]) -> dict[str, float]:
+    @staticmethod
+    def probabilities(model: nn.Module, cases: list[Case], device: torch.device) -> torch.Tensor:
+        """(N, K) softmax outputs, 16 cases at a time."""
         probabilities = []
         for first in range(0, len(cases), 16):
             images = torch.from_numpy(np.stack([c.image for c in cases[first : first + 16]])).to(device)
             probabilities.append(torch.softmax(model(images), dim=1).cpu())
-        probs = torch.cat(probabilities)
+        return torch.cat(probabilities)
+
+    def case_outputs(self, model: nn.Module, cases: list[Case], device: torch.device, classes: int) -> dict:
+        return {"cases": [c.name for c in cases], "truth": [int(c.target) for c in cases],
+                "probabilities": self.probabilities(model, cases, device).tolist()}
+
+    def validate(self, model: nn.Module, cases: list[Case], device: torch.device, names: list[str]) -> dict[str, float]:
+        probs = self.probabilities(model, cases, device)
         truth = torch.tensor([c.target for c in cases])
         accuracy = float((probs.argmax(1) == truth).float().mean())
         onehot = nn.functional.one_hot(truth, probs.shape[1])
@@ -116,6 +151,7 @@ class Classification(Downstream):
 
 class Segmentation(Downstream):
     primary_metric = "val_mean_dice"
+    with_label = True
 
     def class_values(self, train: labeled.LabeledSet) -> tuple[dict[int, int], list[str]]:
         """Index 0 is background; the values are the declared ones, else those found in the training label maps."""
@@ -163,28 +199,55 @@ class Segmentation(Downstream):
         else:
             start = self.rng.integers(0, shape - size + 1)
         region = tuple(slice(s, s + p) for s, p in zip(start, size))
-        return case.image[(slice(None), *region)], case.target[region]
+        return augment.apply(self.augment, case.image[(slice(None), *region)], case.target[region])
 
     def loss(self) -> nn.Module:
         return DiceCELoss(to_onehot_y=True, softmax=True)
 
-    def validate(self, model: nn.Module, cases: list[Case], device: torch.device, names: list[str]) -> dict[str, float]:
+    def overlaps(self, model: nn.Module, cases: list[Case], device: torch.device,
+                 classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, classes - 1) foreground Dice and IoU per case (MONAI; NaN where a class is in neither map). With BraTS
+        label values, each case's region Dice (regions.py) goes into `per_case` too."""
         dice = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
         iou = MeanIoU(include_background=False, reduction="none", ignore_empty=True)
-        classes = len(names)
+        values = getattr(self, "values", {})
+        brats = regions.regions_for(set(values))
+        value_of = np.zeros(max(values.values(), default=0) + 1, dtype=np.int64)
+        for value, index in values.items():
+            value_of[index] = value
+        self.per_case = []
         for case in cases:
             logits = sliding_window_inference(torch.from_numpy(case.image)[None].to(device), self.config.patch_size,
                                               4, model, overlap=0.25, mode="gaussian")
-            prediction = nn.functional.one_hot(logits.argmax(1), classes).permute(0, 4, 1, 2, 3)
+            indices = logits.argmax(1)
+            prediction = nn.functional.one_hot(indices, classes).permute(0, 4, 1, 2, 3)
             truth = nn.functional.one_hot(torch.from_numpy(case.target)[None].to(device), classes).permute(0, 4, 1, 2, 3)
             dice(prediction, truth)
             iou(prediction, truth)
-        per_class_dice = torch.nanmean(dice.aggregate(), dim=0)
-        per_class_iou = torch.nanmean(iou.aggregate(), dim=0)
+            row = {"case": case.name}
+            if brats:
+                row |= regions.region_dice(value_of[indices[0].cpu().numpy()], value_of[case.target], brats)
+            self.per_case.append(row)
+        per_class = dice.aggregate().cpu()
+        for row, scores in zip(self.per_case, per_class.tolist()):
+            row |= {f"dice_class_{i + 1}": score for i, score in enumerate(scores)}
+        return per_class, iou.aggregate().cpu()
+
+    def case_outputs(self, model: nn.Module, cases: list[Case], device: torch.device, classes: int) -> dict:
+        dice, _ = self.overlaps(model, cases, device, classes)
+        return {"cases": [c.name for c in cases], "dice": [[None if np.isnan(v) else v for v in row] for row in dice.tolist()]}
+
+    def validate(self, model: nn.Module, cases: list[Case], device: torch.device, names: list[str]) -> dict[str, float]:
+        dice, iou = self.overlaps(model, cases, device, len(names))
+        per_class_dice = torch.nanmean(dice, dim=0)
+        per_class_iou = torch.nanmean(iou, dim=0)
         metrics = {"val_mean_dice": round(float(torch.nanmean(per_class_dice)), 4),
                    "val_mean_iou": round(float(torch.nanmean(per_class_iou)), 4)}
         for name, d, j in zip(names[1:], per_class_dice.tolist(), per_class_iou.tolist()):
             metrics[f"dice_{name}"], metrics[f"iou_{name}"] = round(d, 4), round(j, 4)
+        for region in regions.regions_for(set(getattr(self, "values", {}))):  # BraTS: the challenge's own scores
+            scores = [row[region] for row in self.per_case if not np.isnan(row[region])]
+            metrics[f"dice_{region}"] = round(float(np.mean(scores)), 4) if scores else float("nan")
         return metrics
 
 

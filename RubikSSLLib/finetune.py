@@ -8,6 +8,8 @@ the encoder saw on its pretraining cubes.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch import nn
@@ -16,6 +18,7 @@ from RubikSSLLib import downstream, labeled, models, preprocess, transfer
 from RubikSSLLib.config import FinetuneConfig
 from RubikSSLLib.downstream import Case
 from RubikSSLLib.errors import BadInput
+from RubikSSLLib.files import write_json_atomic
 from RubikSSLLib.networks import channels_last
 from RubikSSLLib.preprocess import to_network_range
 from RubikSSLLib.progress import Reporter
@@ -24,6 +27,7 @@ from RubikSSLLib.stopping import StopSignal
 
 __all__ = ["Case", "FinetuneConfig", "Finetuning", "check_label_kinds", "choose_fraction"]
 
+VALIDATION_CASES = "val_cases.json"  # the last validation, case by case (per-class and BraTS region Dice)
 PALETTE = [(0.90, 0.30, 0.24), (0.18, 0.55, 0.34), (0.20, 0.44, 0.80), (0.95, 0.77, 0.06), (0.56, 0.27, 0.68),
            (0.10, 0.74, 0.74), (0.90, 0.49, 0.13), (0.61, 0.35, 0.71), (0.36, 0.68, 0.89), (0.83, 0.33, 0.55)]
 
@@ -58,6 +62,19 @@ def gather(items: list[str], split: str) -> labeled.LabeledSet:
     return found
 
 
+def load_cases(sources: list[labeled.LabeledSource], config: FinetuneConfig, task: downstream.Downstream,
+               values: dict[int, int]) -> list[Case]:
+    """The labelled cases through the preprocessing path, as `task` needs them (class values -> indices)."""
+    cases = []
+    for source in sources:
+        volume = labeled.load_image(source.image, config.spacing_mm, config.canonical_orientation)
+        if volume.array.shape[0] != config.encoder.in_channels:
+            raise BadInput(f"{source.name}: has {volume.array.shape[0]} channels, expected {config.encoder.in_channels}; "
+                           "give every case the same channels")
+        cases.append(task.case(source, to_network_range(volume.array, config.intensity), volume, values))
+    return cases
+
+
 class Finetuning(RunLoop):
     """One fine-tuning run; `run()` returns the final validation metrics or raises Cancelled after checkpointing."""
 
@@ -85,6 +102,7 @@ class Finetuning(RunLoop):
         check_label_kinds(train_set.cases + val_sources, config.task)
         self.values, self.names = self.task.class_values(train_set)
         self.task.check_classes(self.values, self.names, val_sources)
+        self.task.set_classes(self.values)
         chosen = choose_fraction(train_set.cases, config.label_fraction, config.seed)
         self.reporter.log(f"{len(chosen)} of {len(train_set.cases)} training cases (fraction {config.label_fraction}), "
                           f"{len(val_sources)} validation cases, classes {self.names}")
@@ -92,14 +110,7 @@ class Finetuning(RunLoop):
         return chosen, val_sources
 
     def _load(self, sources: list[labeled.LabeledSource]) -> list[Case]:
-        config, cases = self.config, []
-        for source in sources:
-            volume = labeled.load_image(source.image, config.spacing_mm, config.canonical_orientation)
-            if volume.array.shape[0] != config.encoder.in_channels:
-                raise BadInput(f"{source.name}: has {volume.array.shape[0]} channels, expected {config.encoder.in_channels}; "
-                               "give every case the same channels")
-            cases.append(self.task.case(source, to_network_range(volume.array, config.intensity), volume, self.values))
-        return cases
+        return load_cases(sources, self.config, self.task, self.values)
 
     # ---- model
     def _build(self, num_classes: int) -> nn.Module:
@@ -149,6 +160,7 @@ class Finetuning(RunLoop):
         with StopSignal() as stop:
             batches = self.task.batches(self.train_cases)
             while self.epoch < config.epochs:
+                started = time.monotonic()
                 self._set_trainable(self.epoch < config.freeze_epochs)
                 for iteration in range(iterations):
                     if self.stop_asked(stop):
@@ -162,8 +174,9 @@ class Finetuning(RunLoop):
                 self.position += 1
                 metrics = {"epoch": self.epoch, **self.validate()}
                 self.history.append(metrics)
-                self.reporter.metric(self.epoch, **{k: v for k, v in metrics.items() if k != "epoch"})
-                self.checkpoint(metrics)
+                seconds = round(time.monotonic() - started, 1)  # training and validation: what a user plans with
+                self.reporter.metric(self.epoch, **{k: v for k, v in metrics.items() if k != "epoch"}, epoch_s=seconds)
+                self.checkpoint(metrics, keep_last=True)  # the last model scores a paired comparison on val
         return metrics
 
     def _set_trainable(self, frozen: bool) -> None:
@@ -182,9 +195,12 @@ class Finetuning(RunLoop):
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
+        """The validation metrics; segmentation also writes them case by case to val_cases.json."""
         self.model.eval()
         result = self.task.validate(self.model, self.val_cases, self.device, self.names)
         self.model.train()
+        if getattr(self.task, "per_case", None) and self.is_main:
+            write_json_atomic(self.run_dir.file(VALIDATION_CASES), {"epoch": self.epoch, "cases": self.task.per_case})
         return result
 
     def card(self, metrics: dict) -> dict:

@@ -38,7 +38,7 @@ class LabeledSet:
 
 
 def resolve(item: str, split: str) -> LabeledSet:
-    """Labelled cases of `split` ("train" or "val") from one DATA item."""
+    """Labelled cases of `split` ("train", "val" or "test") from one DATA item."""
     path = Path(item)
     if not path.exists():
         raise BadInput(f"{path}: no such file or folder; check the path")
@@ -74,7 +74,9 @@ def _archive(path: Path, split: str) -> LabeledSet:
 
 def _datalist(path: Path, split: str) -> LabeledSet:
     data = datasources.read_datalist(path)
-    section = "training" if split == "train" or "validation" not in data else "validation"
+    section = {"train": "training", "val": "validation", "test": "test"}[split]
+    if section not in data:  # a datalist given only for one role holds its cases under 'training'
+        section = "validation" if split == "test" and "validation" in data else "training"
     cases = []
     for number, entry in enumerate(data.get(section, [])):
         where = f"{path}: '{section}' entry {number}"

@@ -110,7 +110,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
         elif not isinstance(default, bool):
             note = spec["default_note"] or _describe(default)
             kwargs["help"] += f" (default {note})"
-        if field.type in ("list[str]",) and "action" not in kwargs:
+        if field.type in ("list[str]", "list[str] | None") and "action" not in kwargs:
             kwargs["nargs"] = "+"
         parser.add_argument(_flag(field), **kwargs)
 

@@ -212,6 +212,20 @@ def test_evaluate_pairs_seeds_and_writes_table_and_plot(small_adrenal_labeled: P
     last_accuracy = json.loads((out / "fraction0.2_seed1_pretrained/metrics.jsonl").read_text().splitlines()[-1])["val_acc"]
     assert accuracy["scores"]["0.2"]["pretrained"][1] == pytest.approx(last_accuracy)
     assert evaluate.summarise(accuracy["scores"]) == accuracy["summary"]
+    paired = results["paired"]
+    assert paired["split"] == "val" and paired["metric"] == "AUC"
+    row = paired["by_fraction"]["0.2"]
+    assert row["cases"] == 98 and row["low"] <= row["difference"] <= row["high"] and 0 <= row["p_value"] <= 1
+    from RubikSSLLib import statistics
+
+    cached = [json.loads((out / f"fraction0.2_seed{s}_{init}" / "cases_val.json").read_text())
+              for s in (0, 1) for init in ("scratch", "pretrained")]
+    assert all(c["model"] == "model_last.safetensors" and len(c["truth"]) == 98 for c in cached)
+    everything = np.arange(98)
+    recomputed = np.mean([statistics.classification_metric(cached[2 * s + 1], everything)
+                          - statistics.classification_metric(cached[2 * s], everything) for s in (0, 1)])
+    assert row["difference"] == pytest.approx(recomputed)
+    assert "95 % bootstrap interval" in table
     picture = np.asarray(Image.open(out / "results.png").convert("RGB"))
     assert picture.shape == (420, 640, 3)
     for colour in evaluate.SERIES.values():  # both series are drawn, not just a frame
@@ -225,6 +239,29 @@ def test_evaluate_pairs_seeds_and_writes_table_and_plot(small_adrenal_labeled: P
                      "--seeds", "2", "--epochs", "1", "--last-epochs", "1", "--intensity", "none", "--progress", "none")
     assert again.returncode == 0
     assert (out / "fraction0.2_seed0_scratch" / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_evaluate_scores_a_test_set_that_training_never_touches(small_adrenal_labeled: Path, pretrained_run: Path,
+                                                               tmp_path: Path) -> None:
+    with np.load(shared("cls/adrenalmnist3d_64_trainval.npz")) as archive:  # cases the 200 training ones are not
+        held_out = {"test_images": archive["train_images"][200:260], "test_labels": archive["train_labels"][200:260]}
+    test = tmp_path / "test.npz"
+    np.savez(test, **held_out)
+    out = tmp_path / "evaluation"
+    result = rubikssl("evaluate", "--task", "classify", "--train", str(small_adrenal_labeled), "--val",
+                      str(small_adrenal_labeled), "--test", str(test), "--init", str(pretrained_run), "--out", str(out),
+                      "--fractions", "0.2", "--seeds", "2", "--epochs", "1", "--last-epochs", "1", "--intensity", "none",
+                      "--resamples", "200", "--progress", "none")
+    assert result.returncode == 0, result.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["paired"]["split"] == "test" and results["paired"]["by_fraction"]["0.2"]["cases"] == 60
+    for seed in (0, 1):
+        run = out / f"fraction0.2_seed{seed}_pretrained"
+        cases = json.loads((run / "cases_test.json").read_text())
+        assert cases["model"] == "model.safetensors" and all(str(test) in name for name in cases["cases"])
+        trained_on = json.loads((run / "model.json").read_text())["data"]["train"]
+        assert not any(str(test) in name for name in trained_on)
+    assert "the test set (models picked on --val)" in (out / "results.md").read_text()
 
 
 def test_label_map_lands_on_the_processed_image_grid() -> None:
