@@ -141,10 +141,11 @@ def run_puzzle(args: argparse.Namespace, reporter: Reporter) -> int:
     return EXIT_OK
 
 
-def finetune_config(values: dict):
+def finetune_config(values: dict, reporter: Reporter | None = None):
     """A FinetuneConfig from option values; a pretrained --init brings its own encoder widths, depths and norm
-    (read from its model card's header, not its weights)."""
-    from RubikSSLLib import checkpoint, labeled, transfer
+    (read from its model card's header, not its weights); spacing, patch and batch size the user left unset are
+    planned from the training data (planning.py) and the plan is logged."""
+    from RubikSSLLib import checkpoint, finetune, labeled, planning, transfer
     from RubikSSLLib.config import EncoderConfig, FinetuneConfig, settings_from_json
     from RubikSSLLib.options import build
 
@@ -162,6 +163,16 @@ def finetune_config(values: dict):
                            "rubikssl pretrain") from None
         encoder.update(widths=pretrained.widths, depths=pretrained.depths, norm=pretrained.norm)
     base = FinetuneConfig(task=values["task"], train=list(values["train"]), val=list(values["val"]), out=values["out"])
+    if not {"spacing_mm", "patch_size", "batch_size"} <= set(values):
+        device = values.get("device", "auto")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        values["plan"] = planning.plan(values, finetune.gather(values["train"], "train").cases,
+                                       EncoderConfig(**encoder), device)
+        if reporter is not None:
+            reporter.log(planning.describe(values["plan"]))
     return build(FinetuneConfig, values, base)
 
 
@@ -173,7 +184,7 @@ def run_finetune(args: argparse.Namespace, reporter: Reporter) -> int:
     if args.resume and (Path(args.out) / rundir.CONFIG).exists():
         config = resumed(FinetuneConfig, args.out, values, ("epochs", "device"))
     else:
-        config = finetune_config(values)
+        config = finetune_config(values, reporter)
     metrics = finetune.Finetuning(config, reporter, resume=args.resume).run()
     reporter.done("ok", EXIT_OK, **metrics)
     return EXIT_OK
@@ -192,7 +203,7 @@ def run_evaluate(args: argparse.Namespace, reporter: Reporter) -> int:
     if values.get("init", "scratch") == "scratch":
         raise BadInput("--init must name a pretraining run folder: evaluate compares it with training from scratch")
     out = Path(values["out"])
-    base = finetune_config({**values, "out": str(out / "runs")})
+    base = finetune_config({**values, "out": str(out / "runs")}, reporter)
     summary = evaluate.run_evaluation(base, values["init"], settings.fractions, list(range(settings.seeds)), out,
                                       reporter, settings.last_epochs, settings.test, settings.resamples)
     reporter.log((out / "results.md").read_text(encoding="utf-8"))

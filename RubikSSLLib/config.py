@@ -207,14 +207,17 @@ class FinetuneConfig(JsonConfig):
         "classification: draw every class equally often (sampling) or the cases as they come (none)",
         choices=("sampling", "none")))
     epochs: int = field(default=20, metadata=option("epochs"))
-    batch_size: int = field(default=8, metadata=option("cases or patches per step"))
+    batch_size: int = field(default=8, metadata=option(
+        "cases or patches per step", default_note="planned from memory"))
     learning_rate: float = field(default=3e-4, metadata=option("learning rate (Adam)"))
     patch_size: tuple[int, int, int] = field(default=(64, 64, 64), metadata=option(
-        "segmentation patch / classification input, N or z,y,x", parse=voxel_triple))
+        "segmentation patch / classification input, N or z,y,x", parse=voxel_triple,
+        default_note="planned: the median image, within the device's budget"))
     iterations_per_epoch: int | None = field(default=None, metadata=option(
         "steps per epoch", parse=int, default_note="one pass over the cases; 4 patches a case for segmentation"))
     spacing_mm: float | None = field(default=None, metadata=option(
-        "isotropic mm, or native", flag="--spacing", parse=spacing))
+        "isotropic mm, or native", flag="--spacing", parse=spacing,
+        default_note="planned: the training cases' median spacing"))
     canonical_orientation: bool = True
     intensity: IntensityRecipe = field(default_factory=IntensityRecipe)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -223,6 +226,7 @@ class FinetuneConfig(JsonConfig):
         flag="--no-bn-recalibration"))
     seed: int = field(default=0, metadata=option("random seed"))
     device: str = field(default="auto", metadata=option(DEVICES))
+    plan: dict = field(default_factory=dict)  # what planning.plan measured and decided (empty: nothing planned)
 
     def __post_init__(self) -> None:
         if self.task not in ("classify", "segment"):

@@ -3,6 +3,9 @@ the classes evenly, BraTS regions are scored as the challenge scores them."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from scipy.stats import chisquare
@@ -90,3 +93,60 @@ def test_brats_region_dice_equals_the_hand_computed_value() -> None:
     assert scores == pytest.approx({"whole_tumour": 48 / 52, "tumour_core": 14 / 15, "enhancing_tumour": 6 / 7})
     assert regions.regions_for({0, 1}) == {}
     assert np.isnan(regions.dice(np.zeros(3, bool), np.zeros(3, bool)))
+
+
+def brats_sources() -> list:
+    cases = ("brats_2013_pat0001_1", "brats_2013_pat0002_1", "brats_2013_pat0003_1", "brats_2013_pat0005_1")
+    return [labeled.LabeledSource(labeled.datasources.CaseSource(
+        (str(shared(f"seg/brats2015_deepmedic/{c}/Flair_subtrMeanDivStd.nii.gz")),
+         str(shared(f"seg/brats2015_deepmedic/{c}/T1c_subtrMeanDivStd.nii.gz")))),
+        str(shared(f"seg/brats2015_deepmedic/{c}/OTMultiClass.nii.gz"))) for c in cases]
+
+
+def ms_sources() -> list:
+    return [labeled.LabeledSource(labeled.datasources.CaseSource(
+        tuple(str(shared(f"seg/ms_lesion_mni/{p}/{m}.nii.gz")) for m in ("FLAIR", "T1", "T1POST", "T2"))),
+        str(shared(f"seg/ms_lesion_mni/{p}/lesion_gt.nii.gz"))) for p in ("patient07", "patient19")]
+
+
+def test_planning_of_the_shared_brats_and_ms_cases_equals_the_hand_derivation() -> None:
+    from RubikSSLLib import planning
+    from RubikSSLLib.config import EncoderConfig
+
+    brats, encoder = {"task": "segment"}, EncoderConfig(2, (16, 32, 64, 128))
+    record = planning.plan(brats, brats_sources(), encoder, "cpu")
+    # 240x240x155 voxels of 1 mm: spacing 1; median image (155, 240, 240) -> multiples of 16: (144, 240, 240);
+    # above 96^3 the largest axis (the later on a tie) loses 16 until all three are 96
+    assert brats["spacing_mm"] == 1.0 and record["median_shape_zyx"] == [155, 240, 240]
+    assert brats["patch_size"] == (96, 96, 96)
+    # a sample: 96^3 voxels x (2 x (16/8 + 32/64 + 64/512 + 128/4096) encoder + the same decoder + 2 x 16 + 2
+    # channels at full resolution) x 4 bytes x 3 = 474 MB; 1 GiB holds 2
+    assert planning.sample_bytes((96, 96, 96), encoder, "segment") == int(4 * 96**3 * 44.625 * 3)
+    assert brats["batch_size"] == 2
+    on_gpu = planning.planned_patch(np.array([155, 240, 240]), 16, planning.PATCH_BUDGET["cuda"], "segment")
+    assert on_gpu == (128, 128, 128)  # (144, 144, 144) is 2.99 M voxels; one step less each fits 128^3
+    ms = {"task": "segment", "patch_size": (64, 64, 64)}  # a given option is never planned over
+    record = planning.plan(ms, ms_sources(), EncoderConfig(4, (16, 32, 64, 128)), "cpu")
+    # 182x218x182 voxels of 1 mm
+    assert ms["spacing_mm"] == 1.0 and record["median_shape_zyx"] == [182, 218, 182]
+    assert ms["patch_size"] == (64, 64, 64) and "patch_size" not in record
+    assert "planned from 2 training cases on cpu" in planning.describe(record)
+
+
+def test_finetune_logs_and_records_its_plan(small_adrenal: Path, tmp_path: Path) -> None:
+    from conftest import rubikssl
+
+    with np.load(small_adrenal) as archive:
+        data = {"train_images": archive["train_images"][:16], "train_labels": np.arange(16) % 2,
+                "val_images": archive["val_images"][:8], "val_labels": np.arange(8) % 2}
+    path = tmp_path / "data.npz"
+    np.savez(path, **data)
+    result = rubikssl("finetune", "--task", "classify", "--train", str(path), "--val", str(path), "--out",
+                      str(tmp_path / "run"), "--epochs", "1", "--widths", "8,16", "--intensity", "none")
+    assert result.returncode == 0, result.stderr
+    assert "planned from 16 training cases on cpu" in result.stderr
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["plan"]["patch_size"] == [64, 64, 64] == config["patch_size"]  # the whole 64^3 archive image
+    assert config["spacing_mm"] is None and config["batch_size"] == config["plan"]["batch_size"] >= 2
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert card["config"]["plan"] == config["plan"]
