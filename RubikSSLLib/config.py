@@ -191,6 +191,9 @@ class FinetuneConfig(JsonConfig):
     val: list[str] = field(metadata=option("the same kinds; a datalist gives its 'validation' list"))
     out: str = field(metadata=option("run folder"))
     init: str = field(default="scratch", metadata=option("a pretraining run folder, or 'scratch'"))
+    init_stages: int | None = field(default=None, metadata=option(
+        "load only the first K pretrained encoder stages, the rest start random (which layers carry what helps)",
+        parse=int, default_note="all"))
     label_fraction: float = field(default=1.0, metadata=option("use this fraction of the training cases"))
     decoder: str = field(default="unet", metadata=option("segmentation decoder", choices=("unet", "duc")))
     freeze_epochs: int = field(default=0, metadata=option("epochs with a frozen encoder before full fine-tuning"))

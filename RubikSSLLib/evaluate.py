@@ -101,17 +101,45 @@ def run_evaluation(base: FinetuneConfig, pretrained: str, fractions: list[float]
     summaries = {key: summarise(by_fraction) for key, by_fraction in scores.items()}
     key, summary = keys[0], summaries[keys[0]]
     paired = paired_differences(outputs, base.task, resamples)
+    diagnostics = diagnose(base, pretrained, out)
     write_json_atomic(out / "results.json", {
         "metric": key, "last_epochs": last_epochs, "pretrained": pretrained, "seeds": seeds,
         "scores": scores[key], "summary": summary,
         "other_metrics": {other: {"scores": scores[other], "summary": summaries[other]} for other in keys[1:]},
         "paired": {"split": split, "metric": CASE_METRICS[base.task][0], "by_fraction": paired},
+        "diagnostics": diagnostics,
     })
     tables = [markdown(summaries[k], k, last_epochs, len(seeds)) for k in keys]
     tables.append(markdown_paired(paired, split, CASE_METRICS[base.task][0], len(seeds)))
+    if diagnostics:
+        probe = diagnostics["linear_probe_auc"]
+        tables.append(f"Frozen-feature linear probe (all training cases -> validation AUC): pretrained encoder "
+                      f"{probe['pretrained']:.3f}, random encoder {probe['random']:.3f}. A pretext whose features probe "
+                      "no better than random ones gives fine-tuning nothing to start from.\n")
     write_text_atomic(out / "results.md", "\n".join(tables))
     plot(summary, key, out / "results.png", paired)
     return summary
+
+
+def diagnose(base: FinetuneConfig, pretrained: str, out: Path) -> dict:
+    """Where pretraining might not help: for classification, the frozen-feature linear probe of the pretrained
+    encoder against a random one (linearprobe.py), cached in `out`."""
+    from RubikSSLLib import linearprobe
+
+    if base.task != "classify":
+        return {}
+    cache = out / "linear_probe.json"
+    if cache.exists():
+        return json.loads(cache.read_text(encoding="utf-8"))
+    task = downstream.Classification(dataclasses.replace(base, augment="none"), np.random.default_rng(base.seed))
+    train_set = finetune.gather(base.train, "train")
+    values, names = task.class_values(train_set)
+    train = finetune.load_cases(train_set.cases, base, task, values)
+    val = finetune.load_cases(finetune.gather(base.val, "val").cases, base, task, values)
+    result = {"linear_probe_auc": {init: linearprobe.probe(base, train, val, len(names), source)
+                                   for init, source in (("pretrained", pretrained), ("random", None))}}
+    write_json_atomic(cache, result)
+    return result
 
 
 def paired_differences(outputs: dict[str, dict[str, list[dict]]], task: str, resamples: int) -> dict[str, dict]:

@@ -118,10 +118,10 @@ class Finetuning(RunLoop):
         torch.manual_seed(config.seed)
         network = models.build(config.task, config.decoder, config.encoder, num_classes)
         if config.init != "scratch":
-            report, card = transfer.load_encoder(network, config.init)
+            report, card = transfer.load_encoder(network, config.init, config.init_stages)
             self.load_report = {"loaded": len(report.loaded), "missing": report.missing, "unexpected": report.unexpected,
                                 "adapted": report.adapted, "decoder_loaded": len(report.decoder),
-                                "decoder_unused": report.decoder_unused,
+                                "decoder_unused": report.decoder_unused, "fresh": report.fresh,
                                 "pretraining_task": card.get("task"), "pretraining_step": card.get("step")}
             self.reporter.log(f"initialised from {config.init}: {report.summary()}")
         return channels_last(network.to(self.device))

@@ -26,12 +26,14 @@ class LoadReport:
     adapted: list[str] = field(default_factory=list)
     decoder: list[str] = field(default_factory=list)  # decoder tensors loaded too (restoration pretraining)
     decoder_unused: int = 0  # pretrained decoder tensors this network has no place for (a DUC decoder)
+    fresh: list[str] = field(default_factory=list)  # encoder tensors left random on purpose (--init-stages)
 
     def summary(self) -> str:
         text = f"loaded {len(self.loaded)} encoder tensors, missing {len(self.missing)}, unexpected {len(self.unexpected)}"
         text += f"; and {len(self.decoder)} decoder tensors" if self.decoder else ""
         text += (f"; the pretrained U-Net decoder ({self.decoder_unused} tensors) is not used by this decoder"
                  if self.decoder_unused else "")
+        text += f"; {len(self.fresh)} tensors of the later stages left random (--init-stages)" if self.fresh else ""
         return text + (f"; input channels adapted in {', '.join(self.adapted)}" if self.adapted else "")
 
 
@@ -46,8 +48,10 @@ def adapt_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
     return weight.repeat(1, channels, 1, 1, 1) / channels
 
 
-def load_encoder(network: nn.Module, run_or_file: str | Path) -> tuple[LoadReport, dict]:
+def load_encoder(network: nn.Module, run_or_file: str | Path, stages: int | None = None) -> tuple[LoadReport, dict]:
     """Copy the pretrained encoder of a RubikSSL run into `network.encoder`. A shape mismatch is refused.
+    stages: load only the first K encoder stages (partial transfer); the others, and a pretrained decoder that was
+    trained on top of them, stay random and are reported as fresh.
 
     Returns the report and the pretraining model card."""
     path = pretrained_model_file(run_or_file)
@@ -55,8 +59,14 @@ def load_encoder(network: nn.Module, run_or_file: str | Path) -> tuple[LoadRepor
     pretrained = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     if not pretrained:
         raise BadInput(f"{path}: holds no encoder weights; point --init to a run of `rubikssl pretrain`")
-    target = network.encoder.state_dict()
+    depth = len(network.encoder.config.widths)
+    if stages is not None and not 1 <= stages <= depth:
+        raise BadInput(f"--init-stages {stages}: this encoder has {depth} stages; give 1 to {depth}")
     report = LoadReport()
+    if stages is not None and stages < depth:
+        report.fresh = sorted(k for k in pretrained if int(k.split(".")[1]) >= stages)
+        pretrained = {k: v for k, v in pretrained.items() if int(k.split(".")[1]) < stages}
+    target = network.encoder.state_dict()
     for name, tensor in pretrained.items():
         if name not in target:
             report.unexpected.append(name)
@@ -72,9 +82,9 @@ def load_encoder(network: nn.Module, run_or_file: str | Path) -> tuple[LoadRepor
             )
         target[name] = tensor
         report.loaded.append(name)
-    report.missing = [name for name in target if name not in pretrained]
+    report.missing = [name for name in target if name not in pretrained and name not in report.fresh]
     network.encoder.load_state_dict(target, strict=True)
-    if card.get("pretrains_decoder"):
+    if card.get("pretrains_decoder") and not report.fresh:
         prefix = card.get("decoder_prefix", "")  # head. (heads.<task>. when combined); "" before 0.2
         state = models.upgrade_unet_names(state, prefix)
         decoder = {k[len(prefix) + len(DECODER_PREFIX):]: v for k, v in state.items()

@@ -226,6 +226,9 @@ def test_evaluate_pairs_seeds_and_writes_table_and_plot(small_adrenal_labeled: P
                           - statistics.classification_metric(cached[2 * s], everything) for s in (0, 1)])
     assert row["difference"] == pytest.approx(recomputed)
     assert "95 % bootstrap interval" in table
+    probe = results["diagnostics"]["linear_probe_auc"]
+    assert set(probe) == {"pretrained", "random"} and all(0.5 < v <= 1 for v in probe.values()), probe
+    assert "linear probe" in table
     picture = np.asarray(Image.open(out / "results.png").convert("RGB"))
     assert picture.shape == (420, 640, 3)
     for colour in evaluate.SERIES.values():  # both series are drawn, not just a frame
@@ -379,3 +382,19 @@ def test_largest_component_clean_up_keeps_the_biggest_part_of_the_chosen_classes
     assert postprocess.parse_classes("card", card) == [2] and postprocess.parse_classes("all", card) == [1, 2]
     with pytest.raises(BadInput, match="no class with value 5"):
         postprocess.parse_classes("1,5", card)
+
+
+def test_init_stages_loads_only_the_first_stages_and_reports_the_rest(pretrained_run: Path) -> None:
+    state, card = checkpoint.load_model(pretrained_run / "model.safetensors")
+    encoder_config = settings_from_json(EncoderConfig, card["config"]["encoder"])  # two stages
+    network = models.build("classify", "", encoder_config, 2)
+    random_start = {k: v.clone() for k, v in network.encoder.state_dict().items()}
+    report, _ = transfer.load_encoder(network, pretrained_run, stages=1)
+    assert report.fresh and all(name.startswith("stages.1.") for name in report.fresh)
+    assert report.loaded and all(name.startswith("stages.0.") for name in report.loaded) and not report.missing
+    for name, tensor in network.encoder.state_dict().items():
+        expected = state[f"encoder.{name}"] if name.startswith("stages.0.") else random_start[name]
+        torch.testing.assert_close(tensor, expected, rtol=0, atol=0)
+    assert "left random" in report.summary()
+    with pytest.raises(BadInput, match="--init-stages 3: this encoder has 2 stages"):
+        transfer.load_encoder(models.build("classify", "", encoder_config, 2), pretrained_run, stages=3)
