@@ -66,6 +66,8 @@ def case_outputs(run: Path, items: list[str], split: str) -> dict:
             raise BadInput(f"--{split} holds classes {unknown} that no training case has; check the data")
     task = downstream.TASKS[config.task](config, np.random.default_rng(config.seed))
     task.set_classes(values)
+    if isinstance(task, downstream.Classification):
+        task.set_prior(card.get("class_prior"))
     cases = finetune.load_cases(sources, config, task, values)
     with torch.inference_mode():
         outputs = task.case_outputs(model, cases, torch.device("cpu"), len(card["classes"]))
@@ -116,6 +118,14 @@ def run_evaluation(base: FinetuneConfig, pretrained: str, fractions: list[float]
         tables.append(f"Frozen-feature linear probe (all training cases -> validation AUC): pretrained encoder "
                       f"{probe['pretrained']:.3f}, random encoder {probe['random']:.3f}. A pretext whose features probe "
                       "no better than random ones gives fine-tuning nothing to start from.\n")
+        shortcut = diagnostics.get("puzzle_shortcut")
+        if shortcut:
+            network = shortcut["network_ordering_acc"]
+            tables.append(f"Puzzle shortcut on these images: trivial cues (cube mean, spread, empty share, face means) "
+                          f"order {shortcut['trivial_ordering_acc']:.3f} of held-out puzzles (chance "
+                          f"{shortcut['chance_ordering']:.3f}; the network: "
+                          f"{'n/a' if network is None else f'{network:.3f}'}). Far above chance, the puzzle is won "
+                          "without anatomy, and solving it says little about the encoder.\n")
     write_text_atomic(out / "results.md", "\n".join(tables))
     plot(summary, key, out / "results.png", paired)
     return summary
@@ -138,8 +148,28 @@ def diagnose(base: FinetuneConfig, pretrained: str, out: Path) -> dict:
     val = finetune.load_cases(finetune.gather(base.val, "val").cases, base, task, values)
     result = {"linear_probe_auc": {init: linearprobe.probe(base, train, val, len(names), source)
                                    for init, source in (("pretrained", pretrained), ("random", None))}}
+    result |= puzzle_shortcut(base, pretrained)
     write_json_atomic(cache, result)
     return result
+
+
+def puzzle_shortcut(base: FinetuneConfig, pretrained: str, cases: int = 200) -> dict:
+    """For a cube-grid pretext (rubik, rubik+, jigsaw): how well trivial cues order the cubes of puzzles cut from
+    this evaluation's training images (shortcuts.py), beside the pretrained network's own held-out accuracy."""
+    from RubikSSLLib import checkpoint, datasources, shortcuts, taskspec, tasks, training
+    from RubikSSLLib.config import PretrainConfig
+    from RubikSSLLib.transfer import pretrained_model_file
+
+    card = checkpoint.read_card(pretrained_model_file(pretrained))
+    if card.get("task") not in taskspec.PUZZLE_TASKS:
+        return {}
+    config = dataclasses.replace(PretrainConfig.from_card(card, Path(pretrained), "pretrain"), data=list(base.train))
+    task = tasks.create(config)
+    sources = datasources.resolve(config.data).train[:cases]
+    prepared = [case for _, case in training.load_cases(sources, config, Reporter("none"), task.shape)]
+    shortcut = shortcuts.trivial_ordering_accuracy(task, prepared, seed=base.seed)
+    return {"puzzle_shortcut": shortcut | {"network_ordering_acc": card.get("best", {}).get("val_ordering_acc")}}
+
 
 
 def paired_differences(outputs: dict[str, dict[str, list[dict]]], task: str, resamples: int) -> dict[str, dict]:

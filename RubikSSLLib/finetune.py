@@ -149,6 +149,8 @@ class Finetuning(RunLoop):
         config = self.config
         chosen, val_sources = self._select()
         self.train_cases, self.val_cases = self._load(chosen), self._load(val_sources)
+        if isinstance(self.task, downstream.Classification):
+            self.task.set_prior(self.task.training_shares(self.train_cases, len(self.names)))
         self.model = self._build(len(self.names))
         self.optimizer = torch.optim.Adam(self._parameter_groups(), lr=config.learning_rate)
         if not self.restore() and config.init != "scratch" and config.recalibrate_bn:
@@ -213,6 +215,7 @@ class Finetuning(RunLoop):
             "channels": [f"channel {i}" for i in range(config.encoder.in_channels)],
             "normalisation": preprocess.recipe_card(config.to_json(), config.task),
             "postprocessing": {"largest_component": []},  # label values; `segment --largest-component` overrides
+            **self.task.card(),
             "init": {"source": config.init, **self.load_report},
             "data": {"train": self.chosen_names, "example": first_source},
         }

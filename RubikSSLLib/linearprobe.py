@@ -28,12 +28,13 @@ def features(encoder: nn.Module, cases: list[downstream.Case], batch: int = 16) 
     return torch.cat(pooled).numpy()
 
 
-def fit_and_score(train: np.ndarray, train_truth: np.ndarray, val: np.ndarray, val_truth: np.ndarray,
-                  classes: int, l2: float = 1e-3) -> float:
-    """AUC on `val` of a logistic regression fitted on `train` (features standardised with the training statistics)."""
+def fit_logistic(train: np.ndarray, truth: np.ndarray, classes: int, l2: float = 1e-3):
+    """A multinomial logistic regression (L2, full-batch L-BFGS) on features standardised with the training
+    statistics; returns a function (N, F) features -> (N, classes) probabilities."""
+    torch.manual_seed(0)
     mean, spread = train.mean(axis=0), train.std(axis=0) + 1e-6
     x = torch.from_numpy((train - mean) / spread).float()
-    y = torch.from_numpy(train_truth).long()
+    y = torch.from_numpy(truth).long()
     layer = nn.Linear(x.shape[1], classes)
     optimiser = torch.optim.LBFGS(layer.parameters(), max_iter=200, line_search_fn="strong_wolfe")
 
@@ -44,9 +45,18 @@ def fit_and_score(train: np.ndarray, train_truth: np.ndarray, val: np.ndarray, v
         return loss
 
     optimiser.step(closure)
-    with torch.no_grad():
-        probabilities = torch.softmax(layer(torch.from_numpy((val - mean) / spread).float()), dim=1).numpy()
-    return statistics.auc(val_truth, probabilities)
+
+    @torch.no_grad()
+    def predict(features: np.ndarray) -> np.ndarray:
+        return torch.softmax(layer(torch.from_numpy((features - mean) / spread).float()), dim=1).numpy()
+
+    return predict
+
+
+def fit_and_score(train: np.ndarray, train_truth: np.ndarray, val: np.ndarray, val_truth: np.ndarray,
+                  classes: int) -> float:
+    """AUC on `val` of a logistic regression fitted on `train`."""
+    return statistics.auc(val_truth, fit_logistic(train, train_truth, classes)(val))
 
 
 def probe(config: FinetuneConfig, train: list[downstream.Case], val: list[downstream.Case], classes: int,

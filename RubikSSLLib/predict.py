@@ -89,7 +89,10 @@ def classify(model_dir: str | Path, volumes: list[str], out: str | Path, device:
     image = preprocess.fit_to_size(image, tuple(card["config"]["patch_size"]), -1.0)
     with torch.inference_mode():
         batch = torch.from_numpy(image)[None].to(model_device(model))
-        probabilities = torch.softmax(model(batch), dim=1)[0].cpu().tolist()
+        logits = model(batch).float().cpu()[0]
+        if card.get("class_prior"):  # trained class-balanced: answer for the training prevalence (downstream.py)
+            logits = logits + torch.log(torch.tensor(card["class_prior"], dtype=torch.float32))
+        probabilities = torch.softmax(logits, dim=0).tolist()
     names = [c["name"] for c in card["classes"]]
     result = {"volumes": volumes, "classes": names, "probabilities": dict(zip(names, probabilities)),
               "predicted": names[int(np.argmax(probabilities))]}

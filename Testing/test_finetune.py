@@ -229,6 +229,9 @@ def test_evaluate_pairs_seeds_and_writes_table_and_plot(small_adrenal_labeled: P
     probe = results["diagnostics"]["linear_probe_auc"]
     assert set(probe) == {"pretrained", "random"} and all(0.5 < v <= 1 for v in probe.values()), probe
     assert "linear probe" in table
+    shortcut = results["diagnostics"]["puzzle_shortcut"]  # the fixture's pretraining is a Rubik's cube run
+    assert shortcut["chance_ordering"] == 0.01 and 0 <= shortcut["trivial_ordering_acc"] <= 1
+    assert "Puzzle shortcut" in table
     picture = np.asarray(Image.open(out / "results.png").convert("RGB"))
     assert picture.shape == (420, 640, 3)
     for colour in evaluate.SERIES.values():  # both series are drawn, not just a frame

@@ -201,3 +201,37 @@ def test_crop_outside_the_volume_is_refused(table: np.ndarray) -> None:
     volume = np.zeros((1, *SPEC.crop_size), np.float32)
     with pytest.raises(ValueError, match="exceeds"):
         puzzle.scramble(volume, SPEC, table, np.random.default_rng(0), crop_start=(1, 0, 0))
+
+
+def test_the_shortcut_solver_finds_an_order_written_in_the_cues_and_none_in_noise() -> None:
+    """Puzzles of noise volumes cannot be ordered from trivial cues (about chance); puzzles of volumes with empty
+    octants, as binary masks have, can (where the empty cubes sit gives the permutation away). (Of one volume only,
+    even noise cubes are recognised by their cues, which the solver then learns: a shortcut too.)"""
+    from RubikSSLLib import sampling, shortcuts
+    from RubikSSLLib.config import EncoderConfig, PretrainConfig
+    from RubikSSLLib.intensity import IntensityMap
+    from RubikSSLLib.tasks.jigsaw import JigsawTask
+    from RubikSSLLib.volumes import Geometry
+
+    config = PretrainConfig(data=["x"], out="y", task="jigsaw", puzzle=puzzle.PuzzleSpec(cube_size=(8, 8, 8),
+                            jitter=(1, 1, 1), num_permutations=10), encoder=EncoderConfig(1, (4,), (1,)))
+    task = JigsawTask(config)
+    rng = np.random.default_rng(0)
+
+    def case(array: np.ndarray) -> sampling.PreparedCase:
+        return sampling.PreparedCase("c", array[None].astype(np.float32), Geometry(),
+                                     IntensityMap(np.zeros(1, np.float32), np.ones(1, np.float32)),
+                                     np.zeros(3, int), np.array(array.shape))
+
+    noise = shortcuts.trivial_ordering_accuracy(task, [case(rng.random((18, 18, 18))) for _ in range(100)], puzzles=600)
+
+
+    def masks() -> np.ndarray:  # like a centred binary mask: some octants empty, one half empty, the rest texture
+        volume = rng.random((18, 18, 18))
+        volume[:9, :9, :9] = volume[:9, 9:, 9:] = volume[9:, :9, 9:] = 0
+        volume[9:, 9:, :4] = 0
+        return volume
+
+    shaped = shortcuts.trivial_ordering_accuracy(task, [case(masks()) for _ in range(100)], puzzles=600)
+    assert noise["chance_ordering"] == 0.1
+    assert noise["trivial_ordering_acc"] < 0.25 and shaped["trivial_ordering_acc"] > 0.6, (noise, shaped)

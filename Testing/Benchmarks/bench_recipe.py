@@ -23,7 +23,7 @@ RECIPES = {
     "old defaults": ["--augment", "none", "--class-balance", "none", "--lr-schedule", "constant", "--warmup-epochs", "0",
                      "--batch-size", "8"],
     "new defaults": [],
-    "new, batch 8": ["--batch-size", "8"],
+    "new, batch 32": ["--batch-size", "32"],
     "new, no balancing": ["--class-balance", "none"],
 }
 
@@ -34,11 +34,11 @@ def main() -> None:
     parser.add_argument("--fractions", default="0.1,0.25")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--recipes", default=";".join(RECIPES), help="names separated by ;")
     args = parser.parse_args()
     rows = []
     for fraction in [float(f) for f in args.fractions.split(",")]:
-        for name in args.recipes.split(","):
+        for name in args.recipes.split(";"):
             auc, acc, seconds = [], [], []
             for seed in range(args.seeds):
                 run = args.out / f"{name.replace(' ', '_').replace(',', '')}_f{fraction:g}_s{seed}"
