@@ -7,9 +7,10 @@ Every pretext task of --tasks pretrains the same encoder with the same budget (s
 volumes of ../shared/data/pretrain (no BraTS case among them) resampled to 2 mm, those too small for the task left
 out; --init adds pretraining runs made elsewhere.
 
-The four BraTS cases of ../shared/data (FLAIR + T1c) with their labels merged into three classes (1 necrosis and
-3 non-enhancing -> 1 non-enhancing core, which alone are a few hundred voxels in some cases; 2 oedema; 4 -> 3
-enhancing) are split four ways: each fold fine-tunes on three cases and validates on the fourth, for scratch and
+The four BraTS cases of ../shared/data (FLAIR + T1c), with their own labels (--labels brats, the default: Dice per
+label and the BraTS regions whole tumour, tumour core, enhancing tumour) or merged into three classes as in the
+results of 2026-11-26 (--labels merged: 1 necrosis and 3 non-enhancing -> 1 non-enhancing core, which alone are a
+few hundred voxels in some cases; 2 oedema; 4 -> 3 enhancing), are split four ways: each fold fine-tunes on three cases and validates on the fourth, for scratch and
 for every pretraining run given, with the same seeds (so the same patches are drawn; --seeds repeats each fold).
 A run's score is the mean of its last epochs' foreground Dice per class. Runs go through the `rubikssl` command
 line, one thread each; finished runs are reused, so it resumes.
@@ -35,8 +36,17 @@ REPO = Path(__file__).resolve().parents[2]
 BRATS = REPO.parent / "shared/data/seg/brats2015_deepmedic"
 PRETRAIN_DATA = ("--data", str(REPO.parent / "shared/data/pretrain"), "--spacing", "2", "--skip-unusable")
 CASES = ("brats_2013_pat0001_1", "brats_2013_pat0002_1", "brats_2013_pat0003_1", "brats_2013_pat0005_1")
-CLASSES = {"1": "core", "2": "oedema", "3": "enhancing"}
-MERGE = {0: 0, 1: 1, 2: 2, 3: 1, 4: 3}  # BraTS label -> class above
+LABELS = {
+    "brats": ({"1": "necrosis", "2": "oedema", "3": "non-enhancing", "4": "enhancing"}, {v: v for v in range(5)},
+              ("whole_tumour", "tumour_core", "enhancing_tumour")),
+    "merged": ({"1": "core", "2": "oedema", "3": "enhancing"}, {0: 0, 1: 1, 2: 2, 3: 1, 4: 3}, ()),
+}  # name -> (classes, BraTS label -> class value, regions scored)
+CLASSES, MERGE, REGIONS = LABELS["brats"]
+
+
+def use_labels(name: str) -> None:
+    global CLASSES, MERGE, REGIONS
+    CLASSES, MERGE, REGIONS = LABELS[name]
 
 
 def merged_labels(case: str, out: Path) -> Path:
@@ -70,7 +80,7 @@ def finetune(init: str, name: str, fold: int, seed: int, out: Path, args: argpar
                  "--epochs", str(args.epochs), "--iterations-per-epoch", str(args.iterations), "--patch-size",
                  str(args.patch_size), "--spacing", str(args.spacing), "--batch-size", "2", "--decoder", args.decoder,
                  "--seed", str(seed), *(["--resume"] if run.exists() else []))
-    return {c: evaluate.score(run, f"dice_{c}", args.last_epochs) for c in CLASSES.values()} | {
+    return {c: evaluate.score(run, f"dice_{c}", args.last_epochs) for c in (*CLASSES.values(), *REGIONS)} | {
         "mean": evaluate.score(run, "val_mean_dice", args.last_epochs)}
 
 
@@ -90,8 +100,12 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=48)
     parser.add_argument("--spacing", type=float, default=2.0)
     parser.add_argument("--decoder", choices=("unet", "duc"), default="unet")
+    parser.add_argument("--labels", choices=tuple(LABELS), default="brats")
     args = parser.parse_args()
+    use_labels(args.labels)
     args.out.mkdir(parents=True, exist_ok=True)
+    runs = args.out if args.labels == "merged" else args.out / args.labels  # merged: the earlier folders resume
+    runs.mkdir(exist_ok=True)
     pretext = {}  # all pretraining first, so that a second instance can pretrain other tasks meanwhile
     for entry in filter(None, args.tasks.split(",")):
         task, _, cube_size = entry.partition(":")
@@ -99,8 +113,8 @@ def main() -> None:
     inits = [("scratch", "scratch")] + [(task, str(args.out / f"pretrain_{task}")) for task in pretext] + [
         tuple(entry.split("=", 1)) for entry in args.init]
     pairs = [(fold, seed) for seed in range(args.seeds) for fold in range(len(CASES))]
-    scores = {name: [finetune(init, name, fold, seed, args.out, args) for fold, seed in pairs] for name, init in inits}
-    columns = [*CLASSES.values(), "mean"]
+    scores = {name: [finetune(init, name, fold, seed, runs, args) for fold, seed in pairs] for name, init in inits}
+    columns = [*CLASSES.values(), "mean", *REGIONS]
     lines = [f"BraTS 2015, 4 folds (3 training cases, 1 validation), {args.decoder} decoder, {args.epochs} epochs x "
              f"{args.iterations} batches of 2 x {args.patch_size}^3 at {args.spacing:g} mm; foreground Dice, mean of the "
              f"last {args.last_epochs} epochs, mean ± sd over {len(pairs)} runs ({args.seeds} seed{'s' * (args.seeds > 1)} x {len(CASES)} folds); "
@@ -114,8 +128,8 @@ def main() -> None:
         paired = "–" if name == "scratch" else (f"{np.mean(difference):+.3f} ± {np.std(difference, ddof=1):.3f} "
                                                 f"({sum(d > 0 for d in difference)}/{len(difference)})")
         lines.append(f"| {name} | {pretext.get(name, '–')} | " + " | ".join(cells) + f" | {paired} |")
-    (args.out / "results.json").write_text(json.dumps(scores, indent=1))
-    (args.out / "results.md").write_text("\n".join(lines) + "\n")
+    (runs / "results.json").write_text(json.dumps(scores, indent=1))
+    (runs / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
