@@ -9,18 +9,12 @@ one fine-tune). Resumable.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
+from adrenal_runs import print_table, run_seeds
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from RubikSSLLib import cli, evaluate, finetune, models  # noqa: E402
-
-DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "cls" / "adrenalmnist3d_64_trainval.npz"
+from RubikSSLLib import finetune, models
 
 
 class MonaiResNet18(nn.Module):
@@ -56,32 +50,12 @@ def main() -> None:
     parser.add_argument("--networks", default="rubikssl,monai-resnet18")
     args = parser.parse_args()
     rows = []
-    for fraction in [float(f) for f in args.fractions.split(",")]:
+    for fraction in args.fractions.split(","):
         for network in args.networks.split(","):
             finetune.models.build = build_network(network)
-            auc, acc, seconds = [], [], []
-            for seed in range(args.seeds):
-                run = args.out / f"{network}_f{fraction:g}_s{seed}"
-                if not evaluate.finished(run, args.epochs):
-                    started = time.monotonic()
-                    code = cli.main(["finetune", "--task", "classify", "--train", str(DATA), "--val", str(DATA),
-                                     "--out", str(run), "--label-fraction", str(fraction), "--epochs", str(args.epochs),
-                                     "--seed", str(seed), "--device", "cpu", "--progress", "none",
-                                     *(["--resume"] if run.exists() else [])])
-                    assert code == 0, run
-                    (run / "wall_s.json").write_text(json.dumps(time.monotonic() - started))
-                auc.append(evaluate.score(run, "val_auc", 3))
-                acc.append(evaluate.score(run, "val_acc", 3))
-                wall = run / "wall_s.json"
-                seconds.append(json.loads(wall.read_text()) if wall.exists() else float("nan"))
-            rows.append((fraction, network, np.mean(auc), np.std(auc, ddof=1) if len(auc) > 1 else 0.0, np.mean(acc),
-                         np.std(acc, ddof=1) if len(acc) > 1 else 0.0, np.nanmedian(seconds)))
-    print(f"AdrenalMNIST3D from scratch, {args.epochs} epochs, {args.seeds} seeds, default recipe, last-3-epoch mean "
-          "on the 98 val volumes")
-    print("| labels | network | AUC | ACC | s per fine-tune |\n|---|---|---|---|---|")
-    for fraction, network, auc_m, auc_s, acc_m, acc_s, wall in rows:
-        print(f"| {fraction:g} | {network} | {auc_m:.3f} ± {auc_s:.3f} | {acc_m:.3f} ± {acc_s:.3f} | {wall:.0f} |")
-
+            rows.append(run_seeds(args.out, network, float(fraction), args.seeds, args.epochs, []))
+    print_table(f"AdrenalMNIST3D from scratch, {args.epochs} epochs, {args.seeds} seeds, default recipe, last-3-epoch "
+                "mean on the 98 val volumes", "network", rows)
 
 if __name__ == "__main__":
     main()
