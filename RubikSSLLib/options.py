@@ -112,6 +112,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
             kwargs["help"] += f" (default {note})"
         if field.type in ("list[str]", "list[str] | None") and "action" not in kwargs:
             kwargs["nargs"] = "+"
+        kwargs["help"] = kwargs["help"].replace("%", "%%")  # argparse formats help with %-substitution
         parser.add_argument(_flag(field), **kwargs)
 
 

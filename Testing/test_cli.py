@@ -36,6 +36,13 @@ def test_probe_prints_versions_and_devices_as_json() -> None:
     assert report["devices"][0]["type"] == "cpu" and report["devices"][0]["threads"] >= 1
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune", "evaluate", "puzzle", "segment", "classify", "demo"])
+def test_every_command_prints_its_help(command: str) -> None:
+    result = rubikssl(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: rubikssl " + command)
+
+
 def test_parse_line_reads_events_and_ignores_everything_else() -> None:
     assert progress.parse_line('@rubikssl {"event": "progress", "step": 3}') == {"event": "progress", "step": 3}
     for other in ("step 3", "@rubikssl {not json", '@rubikssl {"step": 3}', '@rubikssl [1]', ""):
