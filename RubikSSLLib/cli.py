@@ -19,7 +19,7 @@ from RubikSSLLib.progress import MODES, Reporter
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
 DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
-REQUIRED = {"pretrain": ("data", "out"), "puzzle": ("volume", "out"), "finetune": ("task", "train", "val", "out"),
+REQUIRED = {"serve": ("model",), "rank": ("model", "data", "out"), "pretrain": ("data", "out"), "puzzle": ("volume", "out"), "finetune": ("task", "train", "val", "out"),
             "segment": ("model", "volume", "out"), "classify": ("model", "volume", "out")}
 
 
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     command("segment", "segment a volume with a fine-tuned model -> .seg.nrrd (+ .labels.nrrd)", run_segment,
             config.SegmentConfig)
     command("classify", "classify a volume with a fine-tuned model -> JSON", run_classify, config.ClassifyConfig)
+    command("serve", "answer segmentation requests (clicks) one JSON line at a time, model loaded once", run_serve,
+            config.ServeConfig)
+    command("rank", "rank unlabelled volumes by the model's uncertainty: which case to correct first", run_rank,
+            config.RankConfig)
 
     probe = commands.add_parser("probe", help="print versions and devices as JSON")
     probe.set_defaults(handler=run_probe, progress="none")
@@ -162,6 +166,8 @@ def finetune_config(values: dict, reporter: Reporter | None = None):
             raise BadInput(f"{path}: its model card has no encoder settings ({error}); point --init to a run of "
                            "rubikssl pretrain") from None
         encoder.update(widths=pretrained.widths, depths=pretrained.depths, norm=pretrained.norm)
+    if values.get("resume_from"):
+        values.update(inherited_settings(values["resume_from"], values["task"]))
     base = FinetuneConfig(task=values["task"], train=list(values["train"]), val=list(values["val"]), out=values["out"])
     if not {"spacing_mm", "patch_size", "batch_size"} <= set(values):
         device = values.get("device", "auto")
@@ -174,6 +180,20 @@ def finetune_config(values: dict, reporter: Reporter | None = None):
         if reporter is not None:
             reporter.log(planning.describe(values["plan"]))
     return build(FinetuneConfig, values, base)
+
+
+def inherited_settings(model: str, task: str) -> dict:
+    """What continuing a fine-tuned model keeps from it (--resume-from): its network and its preprocessing."""
+    from RubikSSLLib import checkpoint, transfer
+
+    path = transfer.pretrained_model_file(model)
+    card = checkpoint.read_card(path)
+    stored = card.get("config") if isinstance(card.get("config"), dict) else {}
+    if card.get("task") != task or "encoder" not in stored:
+        raise BadInput(f"{path}: is not a fine-tuned {task!r} model; --resume-from takes a run of rubikssl finetune "
+                       f"--task {task}")
+    kept = ("encoder", "decoder", "interactive", "spacing_mm", "patch_size", "intensity", "canonical_orientation")
+    return {name: stored[name] for name in kept if name in stored}
 
 
 def run_finetune(args: argparse.Namespace, reporter: Reporter) -> int:
@@ -214,13 +234,15 @@ def run_evaluate(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def run_segment(args: argparse.Namespace, reporter: Reporter) -> int:
-    from RubikSSLLib import predict
+    from RubikSSLLib import clicks, predict
     from RubikSSLLib.config import SegmentConfig
     from RubikSSLLib.options import build
 
     settings = build(SegmentConfig, given(args))
+    points = (clicks.read(settings.clicks) if settings.clicks else []) + \
+        (clicks.read(settings.exclude_clicks, include=False) if settings.exclude_clicks else [])
     summary = predict.segment(settings.model, list(settings.volume), settings.out, device=settings.device,
-                              largest_component=settings.largest_component)
+                              largest_component=settings.largest_component, given_clicks=points)
     reporter.artifact(summary["segmentation"], "segmentation")
     reporter.artifact(summary["labelmap"], "labelmap")
     reporter.log(f"wrote {summary['segmentation']}: voxels per segment {json.dumps(summary['voxels'])}")
@@ -238,6 +260,29 @@ def run_classify(args: argparse.Namespace, reporter: Reporter) -> int:
     reporter.artifact(settings.out, "classification")
     reporter.log(f"{result['predicted']}: " + json.dumps(result["probabilities"]))
     reporter.done("ok", EXIT_OK, predicted=result["predicted"], probabilities=result["probabilities"])
+    return EXIT_OK
+
+
+def run_serve(args: argparse.Namespace, reporter: Reporter) -> int:
+    from RubikSSLLib import serve
+    from RubikSSLLib.config import ServeConfig
+    from RubikSSLLib.options import build
+
+    settings = build(ServeConfig, given(args))
+    serve.watch_parent(os.getppid())
+    return serve.serve(settings.model, settings.device)
+
+
+def run_rank(args: argparse.Namespace, reporter: Reporter) -> int:
+    from RubikSSLLib import ranking
+    from RubikSSLLib.config import RankConfig
+    from RubikSSLLib.options import build
+
+    settings = build(RankConfig, given(args))
+    ranked = ranking.rank(settings.model, settings.data, settings.out, settings.device, reporter)
+    reporter.log(ranking.table(ranked))
+    reporter.artifact(settings.out, "ranking")
+    reporter.done("ok", EXIT_OK, ranking=ranked)
     return EXIT_OK
 
 

@@ -194,6 +194,11 @@ class FinetuneConfig(JsonConfig):
     init_stages: int | None = field(default=None, metadata=option(
         "load only the first K pretrained encoder stages, the rest start random (which layers carry what helps)",
         parse=int, default_note="all"))
+    resume_from: str | None = field(default=None, metadata=option(
+        "a fine-tuning run (or its model.safetensors) to continue from with new cases, e.g. the ones a user "
+        "accepted; brings its own network, classes and preprocessing", default_note="none"))
+    interactive: bool = field(default=False, metadata=option(
+        "segmentation: a click-guided model (image + include / exclude click maps, trained with simulated clicks)"))
     label_fraction: float = field(default=1.0, metadata=option("use this fraction of the training cases"))
     decoder: str = field(default="unet", metadata=option("segmentation decoder", choices=("unet", "duc")))
     freeze_epochs: int = field(default=0, metadata=option("epochs with a frozen encoder before full fine-tuning"))
@@ -234,6 +239,10 @@ class FinetuneConfig(JsonConfig):
     def __post_init__(self) -> None:
         if self.task not in ("classify", "segment"):
             raise BadInput(f"--task {self.task}: use classify or segment")
+        if self.interactive and self.task != "segment":
+            raise BadInput("--interactive: click-guided models segment; use --task segment")
+        if self.resume_from is not None and self.init != "scratch":
+            raise BadInput("--resume-from and --init both give starting weights; give one of them")
         if self.decoder not in ("unet", "duc"):
             raise BadInput(f"--decoder {self.decoder}: use unet or duc")
         if self.lr_schedule not in ("constant", "cosine"):
@@ -353,6 +362,12 @@ class InferenceConfig:
 class SegmentConfig(InferenceConfig):
     SUFFIX = (".seg.nrrd", "Slicer's segmentation format; a .labels.nrrd labelmap is written beside it")
 
+    clicks: str | None = field(default=None, metadata=option(
+        "interactive models: a clicks .json (LPS or RAS mm, include / exclude points) or a Slicer .mrk.json (its "
+        "points are include clicks)", default_note="none: the whole volume"))
+    exclude_clicks: str | None = field(default=None, metadata=option(
+        "interactive models: a .json or .mrk.json whose points are all exclude clicks", default_note="none"))
+
     largest_component: str = field(default="card", metadata=option(
         "keep only the largest connected part of these classes: card (the model card's choice), none, all, or "
         "label values as 1,2"))
@@ -361,3 +376,30 @@ class SegmentConfig(InferenceConfig):
 @dataclass
 class ClassifyConfig(InferenceConfig):
     pass
+
+
+@dataclass
+class ServeConfig:
+    """Settings of `rubikssl serve` (requests and replies: RubikSSLLib/serve.py)."""
+
+    model: str = field(metadata=option("a segmentation fine-tuning run folder (interactive or not)"))
+    device: str = field(default="auto", metadata=option(DEVICES))
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+
+
+@dataclass
+class RankConfig:
+    """Settings of `rubikssl rank`: which unlabelled case to correct first."""
+
+    model: str = field(metadata=option("a segmentation fine-tuning run folder"))
+    data: list[str] = field(metadata=option("unlabelled volumes: files, folders, a datalist .json"))
+    out: str = field(metadata=option("ranking .json"))
+    device: str = field(default="auto", metadata=option(DEVICES))
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        if not self.out.endswith(".json"):
+            raise BadInput(f"--out {self.out}: name the ranking <name>.json")
+        check_output_file(self.out)

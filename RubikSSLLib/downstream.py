@@ -15,7 +15,7 @@ from monai.losses import DiceCELoss
 from monai.metrics import DiceMetric, MeanIoU, compute_roc_auc
 from torch import nn
 
-from RubikSSLLib import augment, labeled, regions
+from RubikSSLLib import augment, guidance, interactive, labeled, regions
 from RubikSSLLib.config import FinetuneConfig
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.preprocess import fit_to_size
@@ -71,6 +71,14 @@ class Downstream:
 
     def loss(self) -> nn.Module:
         raise NotImplementedError
+
+    def prepare(self, model: nn.Module, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The network input of a training batch (on the device); interactive segmentation adds its clicks here."""
+        return image
+
+    def output_classes(self, values: dict[int, int], names: list[str]) -> list[tuple[int, int, str]]:
+        """(label value, class index, name) of each network output, for the model card."""
+        return [(v, i, n) for (v, i), n in zip(values.items(), names)]
 
     def validate(self, model: nn.Module, cases: list[Case], device: torch.device, names: list[str]) -> dict[str, float]:
         raise NotImplementedError
@@ -276,4 +284,64 @@ class Segmentation(Downstream):
         return metrics
 
 
+class InteractiveSegmentation(Segmentation):
+    """Click-guided segmentation of one object: every foreground label value is the object (BraTS: the whole
+    tumour). Batches carry zero click maps after the image channels (so BatchNorm re-estimation sees the network's
+    real input); `prepare` fills them with simulated clicks (interactive.ClickSimulator). Validation is a simulated
+    user per case: Dice with 0, 1 and 3 clicks; the 1-click Dice is the primary metric."""
+
+    VALIDATION_CLICKS = 3
+
+    def __init__(self, config: FinetuneConfig, rng: np.random.Generator) -> None:
+        super().__init__(config, rng)
+        self.simulator = interactive.ClickSimulator(rng)
+
+    def class_values(self, train: labeled.LabeledSet) -> tuple[dict[int, int], list[str]]:
+        values, names = super().class_values(train)
+        objects = [n for v, n in zip(values, names) if v != 0]
+        return {v: int(v != 0) for v in values}, ["background", objects[0] if len(objects) == 1 else " + ".join(objects)]
+
+    def output_classes(self, values: dict[int, int], names: list[str]) -> list[tuple[int, int, str]]:
+        return [(0, 0, names[0]), (1, 1, names[1])]
+
+    def batches(self, cases: list[Case]) -> Iterator[dict[str, torch.Tensor]]:
+        for batch in super().batches(cases):
+            image = batch["image"]
+            no_clicks = image.new_zeros((image.shape[0], interactive.GUIDANCE_CHANNELS, *image.shape[2:]))
+            yield {"image": torch.cat([image, no_clicks], dim=1), "target": batch["target"]}
+
+    def prepare(self, model: nn.Module, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self.simulator(model, image[:, : -interactive.GUIDANCE_CHANNELS], target)
+
+    def sessions(self, model: nn.Module, cases: list[Case], device: torch.device) -> list[list[float]]:
+        """Per case, Dice after 0 .. VALIDATION_CLICKS simulated clicks (interactive.simulated_session)."""
+        self.per_case = []
+        scores = []
+        for case in cases:
+            dice = interactive.simulated_session(model, case.image, case.target > 0, self.VALIDATION_CLICKS,
+                                                 self.config.patch_size, device)
+            self.per_case.append({"case": case.name, **{f"dice_{n}_clicks": round(d, 4) for n, d in enumerate(dice)}})
+            scores.append(dice)
+        return scores
+
+    def case_outputs(self, model: nn.Module, cases: list[Case], device: torch.device, classes: int) -> dict:
+        return {"cases": [c.name for c in cases], "dice": [[s[1]] for s in self.sessions(model, cases, device)]}
+
+    def validate(self, model: nn.Module, cases: list[Case], device: torch.device, names: list[str]) -> dict[str, float]:
+        mean = np.mean(self.sessions(model, cases, device), axis=0)
+        return {"val_mean_dice": round(float(mean[1]), 4), "val_dice_0_clicks": round(float(mean[0]), 4),
+                "val_dice_1_click": round(float(mean[1]), 4), f"val_dice_{self.VALIDATION_CLICKS}_clicks": round(float(mean[-1]), 4)}
+
+    def card(self) -> dict:
+        return {"interactive": {"guidance": "gaussian", "sigma_voxels": guidance.SIGMA_VOXELS,
+                                "channels": list(guidance.CHANNELS), "roi_size": list(self.config.patch_size),
+                                "no_click_share": interactive.NO_CLICK_SHARE,
+                                "corrective_rounds": interactive.MAX_CORRECTIVE_ROUNDS}}
+
+
 TASKS = {"classify": Classification, "segment": Segmentation}
+
+
+def for_config(config: FinetuneConfig, rng: np.random.Generator) -> Downstream:
+    """The Downstream of a fine-tuning config."""
+    return InteractiveSegmentation(config, rng) if config.interactive else TASKS[config.task](config, rng)

@@ -83,7 +83,7 @@ class Finetuning(RunLoop):
     def __init__(self, config: FinetuneConfig, reporter: Reporter, resume: bool = False) -> None:
         super().__init__(config, reporter, resume)
         self.rng = np.random.default_rng(config.seed)
-        self.task: downstream.Downstream = downstream.TASKS[config.task](config, self.rng)
+        self.task: downstream.Downstream = downstream.for_config(config, self.rng)
         self.primary_metric = self.task.primary_metric
         self.load_report: dict = {}
 
@@ -116,8 +116,11 @@ class Finetuning(RunLoop):
     def _build(self, num_classes: int) -> nn.Module:
         config = self.config
         torch.manual_seed(config.seed)
-        network = models.build(config.task, config.decoder, config.encoder, num_classes)
-        if config.init != "scratch":
+        network = models.build_for(config, num_classes)
+        if config.resume_from is not None:
+            self.load_report = transfer.load_finetuned_weights(network, config.resume_from, self.card_classes())
+            self.reporter.log(f"continuing from the fine-tuned model {config.resume_from}")
+        elif config.init != "scratch":
             report, card = transfer.load_encoder(network, config.init, config.init_stages)
             self.load_report = {"loaded": len(report.loaded), "missing": report.missing, "unexpected": report.unexpected,
                                 "adapted": report.adapted, "decoder_loaded": len(report.decoder),
@@ -189,7 +192,7 @@ class Finetuning(RunLoop):
 
     def _step(self, batch: dict[str, torch.Tensor]) -> float:
         image, target = batch["image"].to(self.device), batch["target"].to(self.device)
-        loss = self.loss(self.model(image), target)
+        loss = self.loss(self.model(self.task.prepare(self.model, image, target)), target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -205,13 +208,17 @@ class Finetuning(RunLoop):
             write_json_atomic(self.run_dir.file(VALIDATION_CASES), {"epoch": self.epoch, "cases": self.task.per_case})
         return result
 
+    def card_classes(self) -> list[dict]:
+        """The model card's classes: index, label value, name and segment colour of every network output."""
+        return [{"index": i, "value": v, "name": n, "color": list(PALETTE[(i - 1) % len(PALETTE)]) if i else [0, 0, 0]}
+                for v, i, n in self.task.output_classes(self.values, self.names)]
+
     def card(self, metrics: dict) -> dict:
         config = self.config
         first_source = self.train_cases[0].name if self.train_cases else ""
         return {
             **self.base_card(config.task, metrics),
-            "classes": [{"index": i, "value": v, "name": n, "color": list(PALETTE[(i - 1) % len(PALETTE)]) if i else [0, 0, 0]}
-                        for (v, i), n in zip(self.values.items(), self.names)],
+            "classes": self.card_classes(),
             "channels": [f"channel {i}" for i in range(config.encoder.in_channels)],
             "normalisation": preprocess.recipe_card(config.to_json(), config.task),
             "postprocessing": {"largest_component": []},  # label values; `segment --largest-component` overrides

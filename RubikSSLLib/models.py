@@ -7,6 +7,8 @@ segmentation inputs need sizes divisible by 2 ** len(widths) (16 by default).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from monai.networks.utils import pixelshuffle
 from torch import nn
@@ -117,8 +119,23 @@ class Classifier(nn.Module):
         return self.head(self.encoder(x)[-1].mean(dim=(2, 3, 4)))
 
 
-def build(task: str, decoder: str, encoder_config: EncoderConfig, num_classes: int) -> nn.Module:
+def build_for(config, num_classes: int) -> nn.Module:
+    """The network of a FinetuneConfig (or of one read back from a model card)."""
+    from RubikSSLLib.interactive import GUIDANCE_CHANNELS
+
+    return build(config.task, config.decoder, config.encoder, num_classes, GUIDANCE_CHANNELS if config.interactive else 0)
+
+
+def build(task: str, decoder: str, encoder_config: EncoderConfig, num_classes: int,
+          guidance_channels: int = 0) -> nn.Module:
+    """The downstream network. guidance_channels: extra input channels after the image's (interactive
+    segmentation's click maps); the network records them as `guidance_channels` for the encoder transfer."""
+    if guidance_channels:
+        encoder_config = dataclasses.replace(encoder_config, in_channels=encoder_config.in_channels + guidance_channels)
     encoder = Encoder(encoder_config)
     if task == "classify":
-        return Classifier(encoder, num_classes)
-    return UNet(encoder, num_classes) if decoder == "unet" else DUCNet(encoder, num_classes)
+        network: nn.Module = Classifier(encoder, num_classes)
+    else:
+        network = UNet(encoder, num_classes) if decoder == "unet" else DUCNet(encoder, num_classes)
+    network.guidance_channels = guidance_channels
+    return network

@@ -9,7 +9,7 @@ import slicerio
 import torch
 from monai.inferers import sliding_window_inference
 
-from RubikSSLLib import checkpoint, models, postprocess, preprocess, rundir, taskspec
+from RubikSSLLib import checkpoint, clicks, interactive, models, postprocess, preprocess, rundir, taskspec
 from RubikSSLLib.config import FinetuneConfig
 from RubikSSLLib.devices import model_device, select_device
 from RubikSSLLib.errors import BadInput
@@ -29,7 +29,7 @@ def load_finetuned(run_or_file: str | Path, task: str, device: str = "cpu") -> t
     config = FinetuneConfig.from_card(card, path, "finetune")
     if not isinstance(card.get("classes"), list) or not card["classes"]:
         raise BadInput(f"{path}: its model card lacks classes; give a model written by rubikssl finetune")
-    model = models.build(task, config.decoder, config.encoder, len(card["classes"]))
+    model = models.build_for(config, len(card["classes"]))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -37,30 +37,54 @@ def load_finetuned(run_or_file: str | Path, task: str, device: str = "cpu") -> t
     return channels_last(model.to(select_device(device))).eval(), card
 
 
+def is_interactive(card: dict) -> bool:
+    return bool(card.get("config", {}).get("interactive"))
+
+
 def segment(model_dir: str | Path, volumes: list[str], out: str | Path, roi_size: tuple[int, int, int] | None = None,
-            overlap: float = 0.25, device: str = "cpu", largest_component: str = "card") -> dict:
-    """Segment a whole volume; write `out` (.seg.nrrd with named, coloured segments in the input's exact geometry)
+            overlap: float = 0.25, device: str = "cpu", largest_component: str = "card",
+            given_clicks: list[clicks.Click] | None = None) -> dict:
+    """Segment a volume; write `out` (.seg.nrrd with named, coloured segments in the input's exact geometry)
     and a plain labelmap `<name>.labels.nrrd` beside it. largest_component: which classes keep only their largest
-    connected part (postprocess.parse_classes). Returns a summary with voxel counts per segment."""
+    connected part (postprocess.parse_classes). given_clicks (interactive models): segment the clicked object in
+    a region around the clicks; without clicks an interactive model segments the whole volume on its own.
+    Returns a summary with voxel counts per segment."""
     out = Path(out)
     if not out.name.endswith(".seg.nrrd"):
         raise BadInput(f"--out {out}: name the result <name>.seg.nrrd (Slicer's segmentation format)")
     model, card = load_finetuned(model_dir, "segment", device)
+    if given_clicks and not is_interactive(card):
+        raise BadInput(f"{model_dir}: is not an interactive model; fine-tune one with --interactive, or leave out "
+                       "--clicks")
     cleaned = postprocess.parse_classes(largest_component, card)
     image, volume = preprocess.network_input(volumes, card["config"], card["channels"])
     roi = tuple(roi_size or card["config"]["patch_size"])
-    target = model_device(model)
-    with torch.inference_mode():
-        logits = sliding_window_inference(torch.from_numpy(image)[None], roi, 1, model, overlap=overlap, mode="gaussian",
-                                          sw_device=target, device="cpu")
-    indices = np.argmax(logits[0].numpy(), axis=0).astype(np.uint8)  # numpy's is 3x faster than torch's on one thread
-    values = np.array([c["value"] for c in card["classes"]])
-    labels = postprocess.keep_largest_component(values[indices].astype(np.uint16), cleaned)
-    labels = preprocess.to_native_grid(labels, volume)
+    if is_interactive(card):
+        voxels = clicks.voxel_clicks(given_clicks or [], volume.geometry, image.shape[1:])
+        indices = interactive.segment(model, image, voxels, roi, model_device(model)).astype(np.uint8)
+    else:
+        indices = whole_volume_classes(model, image, roi, overlap)
+    labels = labels_on_native_grid(indices, volume, card, cleaned)
     labelmap_path = out.with_name(out.name[: -len(".seg.nrrd")] + ".labels.nrrd")
     write_results(out, labelmap_path, labels, volume.native.geometry, card["classes"])
     counts = {c["name"]: int((labels == c["value"]).sum()) for c in card["classes"][1:]}
-    return {"segmentation": str(out), "labelmap": str(labelmap_path), "voxels": counts, "largest_component": cleaned}
+    return {"segmentation": str(out), "labelmap": str(labelmap_path), "voxels": counts, "largest_component": cleaned,
+            "clicks": len(given_clicks or [])}
+
+
+def whole_volume_classes(model: torch.nn.Module, image: np.ndarray, roi: tuple[int, ...], overlap: float = 0.25) -> np.ndarray:
+    """(Z, Y, X) uint8 class indices of a whole (C, Z, Y, X) image: MONAI's Gaussian-blended sliding window."""
+    with torch.inference_mode():
+        logits = sliding_window_inference(torch.from_numpy(image)[None], roi, 1, model, overlap=overlap, mode="gaussian",
+                                          sw_device=model_device(model), device="cpu")
+    return np.argmax(logits[0].numpy(), axis=0).astype(np.uint8)  # numpy's is 3x faster than torch's on one thread
+
+
+def labels_on_native_grid(indices: np.ndarray, volume, card: dict, cleaned: list[int]) -> np.ndarray:
+    """Class indices on the model's grid -> the card's label values on the input file's own grid."""
+    values = np.array([c["value"] for c in card["classes"]])
+    labels = postprocess.keep_largest_component(values[indices].astype(np.uint16), cleaned)
+    return preprocess.to_native_grid(labels, volume)
 
 
 def write_results(segmentation_path: Path, labelmap_path: Path, labels_zyx: np.ndarray, geometry: Geometry,

@@ -42,10 +42,19 @@ def pretrained_model_file(run_or_file: str | Path) -> Path:
     return path / rundir.BEST_MODEL if path.is_dir() else path
 
 
-def adapt_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
-    """Stem weights (out, c, k, k, k) pretrained on c = 1 channel for `channels` inputs: repeat and divide by the
-    count (as nnssl does), so that the first layer's response to identical channels is unchanged."""
-    return weight.repeat(1, channels, 1, 1, 1) / channels
+def adapt_input_channels(weight: torch.Tensor, channels: int, guidance: int = 0) -> torch.Tensor:
+    """Stem weights (out, c, k, k, k) pretrained on c = 1 channel for `channels` image inputs: repeat and divide by
+    the count (as nnssl does), so that the first layer's response to identical channels is unchanged. `guidance`
+    extra inputs (interactive click maps) get zero weights: the pretrained response to the image is unchanged at
+    the start, and training teaches the network to read the clicks."""
+    image = weight if weight.shape[1] == channels else weight.repeat(1, channels, 1, 1, 1) / channels
+    return torch.cat([image, image.new_zeros((image.shape[0], guidance, *image.shape[2:]))], dim=1)
+
+
+def _adaptable(tensor: torch.Tensor, wanted: torch.Size, guidance: int) -> bool:
+    """A stem weight pretrained on one channel (or on the image channels alone) that needs more inputs."""
+    return (tensor.shape != wanted and tensor.ndim == 5 and tensor.shape[0] == wanted[0]
+            and tensor.shape[1] in (1, wanted[1] - guidance))
 
 
 def load_encoder(network: nn.Module, run_or_file: str | Path, stages: int | None = None) -> tuple[LoadReport, dict]:
@@ -67,13 +76,14 @@ def load_encoder(network: nn.Module, run_or_file: str | Path, stages: int | None
         report.fresh = sorted(k for k in pretrained if int(k.split(".")[1]) >= stages)
         pretrained = {k: v for k, v in pretrained.items() if int(k.split(".")[1]) < stages}
     target = network.encoder.state_dict()
+    guidance = getattr(network, "guidance_channels", 0)
     for name, tensor in pretrained.items():
         if name not in target:
             report.unexpected.append(name)
             continue
         wanted = target[name].shape
-        if tensor.shape != wanted and tensor.ndim == 5 and tensor.shape[1] == 1 and tensor.shape[0] == wanted[0]:
-            tensor = adapt_input_channels(tensor, wanted[1])
+        if _adaptable(tensor, wanted, guidance):
+            tensor = adapt_input_channels(tensor, wanted[1] - guidance, guidance)
             report.adapted.append(name)
         if tensor.shape != wanted:
             raise BadInput(
@@ -93,10 +103,11 @@ def load_encoder(network: nn.Module, run_or_file: str | Path, stages: int | None
     return report, card
 
 
-def adapt_skip_input(weight: torch.Tensor, features: int, channels: int) -> torch.Tensor:
+def adapt_skip_input(weight: torch.Tensor, features: int, channels: int, guidance: int = 0) -> torch.Tensor:
     """The decoder's last block reads (upsampled features, input image) concatenated: (out, features + c, k, k, k)
-    pretrained on c = 1 image channel, for `channels` image channels (the image part repeated and divided)."""
-    return torch.cat([weight[:, :features], adapt_input_channels(weight[:, features:], channels)], dim=1)
+    pretrained on c = 1 image channel, for `channels` image channels (the image part repeated and divided) and
+    `guidance` click maps (zero)."""
+    return torch.cat([weight[:, :features], adapt_input_channels(weight[:, features:], channels, guidance)], dim=1)
 
 
 def load_decoder(network: nn.Module, pretrained: dict[str, torch.Tensor], path: Path, report: LoadReport) -> None:
@@ -112,10 +123,12 @@ def load_decoder(network: nn.Module, pretrained: dict[str, torch.Tensor], path: 
         raise BadInput(f"{path}: its U-Net decoder does not match this network (missing {missing[:3]}, unexpected "
                        f"{unexpected[:3]}); fine-tune with the encoder settings of the pretraining run")
     features = network.encoder.config.widths[0]
+    guidance = getattr(network, "guidance_channels", 0)
     for name, tensor in pretrained.items():
         wanted = target[name].shape
-        if tensor.shape != wanted and name == STEM_BLOCK_WEIGHT and tensor.shape[1] == features + 1:
-            tensor = adapt_skip_input(tensor, features, wanted[1] - features)
+        if (tensor.shape != wanted and name == STEM_BLOCK_WEIGHT
+                and tensor.shape[1] - features in (1, wanted[1] - features - guidance)):
+            tensor = adapt_skip_input(tensor, features, wanted[1] - features - guidance, guidance)
             report.adapted.append(DECODER_PREFIX + name)
         if tensor.shape != wanted:
             raise BadInput(f"{path}: decoder tensor {name} has shape {tuple(tensor.shape)} but the network needs "
@@ -123,3 +136,24 @@ def load_decoder(network: nn.Module, pretrained: dict[str, torch.Tensor], path: 
         target[name] = tensor
     network.decoder.load_state_dict(target, strict=True)
     report.decoder = sorted(DECODER_PREFIX + name for name in target)
+
+
+def load_finetuned_weights(network: nn.Module, run_or_file: str | Path, classes: list[dict]) -> dict:
+    """Every weight of a fine-tuned model into `network` (continuing its training on more cases): the model must
+    have the same classes (label values and names) and the same network, else it is refused with the reason.
+    Returns the model-card report ("init")."""
+    path = pretrained_model_file(run_or_file)
+    state, card = checkpoint.load_model(path)
+    if "classes" not in card or card.get("task") not in ("segment", "classify"):
+        raise BadInput(f"{path}: is not a fine-tuned model; --resume-from takes a run of rubikssl finetune")
+    theirs = [(c["value"], c["name"]) for c in card["classes"]]
+    ours = [(c["value"], c["name"]) for c in classes]
+    if theirs != ours:
+        raise BadInput(f"{path}: its classes {theirs} differ from the new data's {ours}; label the new cases with the "
+                       "model's classes")
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise BadInput(f"{path}: its network differs from this one ({str(error).splitlines()[0][:100]}); continue it "
+                       "with its own settings (they are read from its card)") from None
+    return {"resumed_from": str(path), "previous_step": card.get("step"), "previous_data": card.get("data", {}).get("train")}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ADRENAL, REPO, TINY_RUN, rubikssl, shared
+from conftest import ADRENAL, REPO, TINY_RUN, rubikssl
 from RubikSSLLib import checkpoint, progress, rundir, training
 from RubikSSLLib.config import PretrainConfig
 from RubikSSLLib.networks import EncoderConfig
