@@ -9,6 +9,7 @@ child process is orphaned. Pure Python: tested here against the real command lin
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -119,7 +120,9 @@ class Job:
     """One worker process. Call `poll()` regularly (a Qt timer); it returns the events seen since the last call."""
 
     def __init__(self, args: list[str], run_dir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
-                 cwd: str | None = None, stop_grace_s: float = 60.0, term_grace_s: float = 15.0) -> None:
+                 cwd: str | None = None, stop_grace_s: float = 60.0, term_grace_s: float = 15.0,
+                 requests: bool = False) -> None:
+        """requests: keep the worker's stdin open for `send` (the `serve` worker); else it reads nothing."""
         self.args = args
         self.run_dir = Path(run_dir) if run_dir else None
         self.state = JobState()
@@ -130,7 +133,8 @@ class Job:
         if self.run_dir is not None:
             (self.run_dir / rundir.STOP).unlink(missing_ok=True)  # an old request must not stop the new job
         self.process = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env or worker_environment(),
+            args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE if requests else subprocess.DEVNULL,
+            env=env or worker_environment(),
             cwd=cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **_own_process_group())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -140,6 +144,25 @@ class Job:
         for line in self.process.stdout:
             self._lines.put(line.rstrip("\r\n"))
         self._lines.put(None)
+
+    def send(self, request: dict[str, Any]) -> bool:
+        """One request line to a `serve` worker; False when the worker is gone (its outcome comes with `poll`)."""
+        if not self.running or self.process.stdin is None:
+            return False
+        try:
+            self.process.stdin.write(json.dumps(request) + "\n")
+            self.process.stdin.flush()
+            return True
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+
+    def close_requests(self) -> None:
+        """End of input: a `serve` worker finishes cleanly (exit 0)."""
+        if self.process.stdin is not None and not self.process.stdin.closed:
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
 
     @property
     def running(self) -> bool:

@@ -345,3 +345,62 @@ def test_uncertainty_is_the_mean_entropy_over_the_predicted_foreground() -> None
     score, voxels = uncertainty(probabilities)
     assert voxels == 2 and score == pytest.approx((entropy(0.9) + entropy(0.6)) / 2)
     assert uncertainty(np.stack([np.ones((1, 1, 3)), np.zeros((1, 1, 3))])) == (0.0, 0)
+
+
+# ---- the panel's session with the worker (no Slicer: RAS points in, labelmap files out)
+
+def test_click_session_orders_points_for_undo_and_forgets_removed_ones() -> None:
+    from RubikSSLLib.clicksession import ClickSession
+
+    class Offline:
+        def send(self, request):
+            return False
+
+        def poll(self):
+            return []
+
+    session = ClickSession(Offline(), ["volume.nii.gz"], Path("."))
+    session.set_points([(1, 2, 3)], [])
+    session.set_points([(1, 2, 3)], [(4, 5, 6)])
+    session.set_points([(1, 2, 3), (7, 8, 9)], [(4, 5, 6)])
+    assert session.order == ["include", "exclude", "include"] and session.undo_target() == "include"
+    session.set_points([(1, 2, 3)], [(4, 5, 6)])  # the panel removed the last include point
+    assert session.undo_target() == "exclude"
+    request = session.request()
+    assert request["coordinateSystem"] == "RAS" and [c["include"] for c in request["clicks"]] == [True, False]
+    session.clear()
+    assert session.undo_target() is None and not session.dirty
+
+
+@pytest.mark.slow
+def test_click_session_coalesces_fast_clicks_into_one_request_at_a_time(interactive_run: Path, tmp_path: Path) -> None:
+    from RubikSSLLib.clicksession import ClickSession
+    from RubikSSLLib.jobs import Job, command_line
+
+    flair = str(shared(f"{BRATS}/{BRATS_CASES[3]}/Flair_subtrMeanDivStd.nii.gz"))
+    truth_image = sitk.ReadImage(str(shared(f"{BRATS}/{BRATS_CASES[3]}/OTMultiClass.nii.gz")))
+    truth = sitk.GetArrayFromImage(truth_image) > 0
+    point, _ = guidance.first_click(truth)
+    inside = clicks.ras_of(clicks.from_voxels(np.array([point]), [True], geometry_of(truth_image))[0])
+    job = Job(command_line(sys.executable, "serve", {"model": str(interactive_run), "device": "cpu"}), requests=True,
+              cwd=str(REPO))
+    session = ClickSession(job, [flair], tmp_path)
+    session.set_points([inside], [])  # placed before the worker is ready: sent once it is
+    results, deadline = [], time.monotonic() + 120
+    while not results:
+        results += filter(None, [session.poll()])
+        assert time.monotonic() < deadline and job.running, job.state.log[-3:]
+        if session.busy and session.sent == 1:
+            moved = tuple(v + 2.0 for v in inside)  # three quick changes while the first request runs
+            session.set_points([inside, moved], [])
+            session.set_points([inside, moved], [(0.0, 0.0, 0.0)])
+            session.set_points([inside], [(0.0, 0.0, 0.0)])
+        time.sleep(0.02)
+    assert results[0].path is not None and sitk.GetArrayFromImage(sitk.ReadImage(str(results[0].path)))[point] == 1
+    while session.busy or session.dirty:
+        session.poll()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert session.sent == 2  # the three changes became one request: the newest points
+    job.close_requests()
+    assert job.wait(timeout=60).exit_code == 0
