@@ -18,6 +18,7 @@ from RubikSSLLib.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EX
 from RubikSSLLib.progress import MODES, Reporter
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
+STOP_FILE_VARIABLE = "RUBIKSSL_STOP_FILE"  # jobs.STOP_FILE_VARIABLE (not imported: jobs is the panel's side)
 DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 REQUIRED = {"serve": ("model",), "rank": ("model", "data", "out"), "pretrain": ("data", "out"), "puzzle": ("volume", "out"), "finetune": ("task", "train", "val", "out"),
             "segment": ("model", "volume", "out"), "classify": ("model", "volume", "out")}
@@ -352,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     RubikSSLLib.STARTED_AT = time.time()  # a STOP file older than this command is a stale one
     args = build_parser().parse_args(argv)
     reporter = Reporter(args.progress, enabled=os.environ.get("RANK", "0") == "0")  # torchrun: rank 0 speaks
+    if os.environ.get(STOP_FILE_VARIABLE):
+        stopping.watch_stop_file(os.environ[STOP_FILE_VARIABLE])
     with stopping.cancel_on_signal(), warnings.catch_warnings():
         warnings.showwarning = lambda message, category, *rest: reporter.log(f"warning: {message}")
         return run(args, reporter)

@@ -2,9 +2,13 @@
 
 The panel never imports torch: it starts the library's command line with `--progress json` in its own process
 group, a reader thread moves output lines into a queue, and the panel drains that queue from a Qt timer with
-`poll()`. Cancel is cooperative first (the run folder's STOP file: the worker checkpoints and exits 3), then
-SIGTERM to the whole process group (the worker treats it the same way), then a hard kill of the group, so no
-child process is orphaned. Pure Python: tested here against the real command line.
+`poll()`. Cancel is cooperative first, on every platform and for every command: a STOP file (the run folder's,
+or for commands without one a file named to the worker in RUBIKSSL_STOP_FILE); the worker checkpoints if it has
+something to keep and exits 3. Then, after bounded waits, SIGTERM to the whole process group (not on Windows,
+where a group without a console cannot receive CTRL_BREAK) and a hard kill of the whole group or tree, so no
+child is orphaned even when the leader (PythonSlicer is a launcher that starts the real interpreter as its child)
+is already gone. The worker's own `done` event decides the outcome; a cancel the user asked for ends as
+"cancelled" even when the launcher itself was killed. Pure Python: tested here against the real command line.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import queue
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +31,8 @@ from RubikSSLLib.errors import EXIT_CANCELLED, EXIT_OK
 from RubikSSLLib.progress import parse_line
 
 LIBRARY_PARENT = Path(__file__).resolve().parent.parent
+STOP_FILE_VARIABLE = "RUBIKSSL_STOP_FILE"  # commands without a run folder stop when this file appears
+STOP_GRACE_S, TERM_GRACE_S = 30.0, 10.0  # STOP file -> SIGTERM -> kill
 
 
 def command_line(python: str, command: str, options: dict[str, Any]) -> list[str]:
@@ -74,6 +81,9 @@ class JobState:
     error: str = ""
     exit_code: int | None = None
 
+    reported: str = ""  # the status of the worker's own done event, if it sent one
+    cancel_requested: bool = False
+
     def feed(self, line: str) -> dict[str, Any] | None:
         """Take one output line; return its event (None for a plain log line)."""
         event = parse_line(line)
@@ -94,15 +104,19 @@ class JobState:
         elif kind == "error":
             self.error = event.get("message", "")
         elif kind == "done":
-            self.status = event.get("status", "ok")
+            self.reported = event.get("status", "ok")
         return event
 
     def finish(self, exit_code: int) -> None:
-        """Record the exit code; it decides the outcome even when the process died without a done event."""
+        """Record the exit code. The worker's done event decides the outcome (the exit code may be a launcher's,
+        killed after its child finished); without one the exit code does, and a process that ended by a signal or
+        with exit 3 after the user asked to cancel is cancelled, not failed."""
         self.exit_code = exit_code
-        if exit_code == EXIT_OK:
+        if self.reported in ("ok", "cancelled"):
+            self.status = self.reported
+        elif exit_code == EXIT_OK:
             self.status = "ok"
-        elif exit_code == EXIT_CANCELLED:
+        elif exit_code == EXIT_CANCELLED or (self.cancel_requested and exit_code < 0):
             self.status = "cancelled"
         else:
             self.status = "failed"
@@ -120,9 +134,10 @@ class Job:
     """One worker process. Call `poll()` regularly (a Qt timer); it returns the events seen since the last call."""
 
     def __init__(self, args: list[str], run_dir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
-                 cwd: str | None = None, stop_grace_s: float = 60.0, term_grace_s: float = 15.0,
+                 cwd: str | None = None, stop_grace_s: float = STOP_GRACE_S, term_grace_s: float = TERM_GRACE_S,
                  requests: bool = False) -> None:
-        """requests: keep the worker's stdin open for `send` (the `serve` worker); else it reads nothing."""
+        """run_dir: the run folder whose STOP file cancels it (training); without one the job gets a STOP file of
+        its own. requests: keep the worker's stdin open for `send` (the `serve` worker); else it reads nothing."""
         self.args = args
         self.run_dir = Path(run_dir) if run_dir else None
         self.state = JobState()
@@ -130,11 +145,16 @@ class Job:
         self._cancel_started: float | None = None
         self._signals_sent: set[str] = set()
         self._lines: queue.Queue[str | None] = queue.Queue()
+        env = dict(env or worker_environment())
         if self.run_dir is not None:
-            (self.run_dir / rundir.STOP).unlink(missing_ok=True)  # an old request must not stop the new job
+            self.stop_file = self.run_dir / rundir.STOP
+        else:
+            self.stop_file = Path(tempfile.mkdtemp(prefix="rubikssl-job-")) / rundir.STOP
+            env[STOP_FILE_VARIABLE] = str(self.stop_file)
+        self.stop_file.unlink(missing_ok=True)  # an old request must not stop the new job
         self.process = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE if requests else subprocess.DEVNULL,
-            env=env or worker_environment(),
+            env=env,
             cwd=cwd, text=True, encoding="utf-8", errors="replace", bufsize=1, **_own_process_group())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -197,21 +217,35 @@ class Job:
         return self.state
 
     def cancel(self) -> None:
-        """Ask the worker to stop: STOP file now, SIGTERM after `stop_grace_s`, SIGKILL `term_grace_s` later.
-        Without a run folder (inference) it goes straight to SIGTERM."""
+        """Ask the worker to stop: its STOP file now, SIGTERM to the group after `stop_grace_s`, a kill of the
+        group `term_grace_s` later. The outcome is "cancelled" however far it has to go."""
         if not self.running or self._cancel_started is not None:
             return
         self._cancel_started = time.monotonic()
-        if self.run_dir is not None and self.run_dir.is_dir():
-            (self.run_dir / rundir.STOP).touch()
-        else:
-            self._signal("term")
+        self.state.cancel_requested = True
+        try:
+            self.stop_file.parent.mkdir(parents=True, exist_ok=True)
+            self.stop_file.touch()
+        except OSError:
+            self._signal("term")  # an unwritable folder: the signal is the only way left
         self.poll()
 
+    def shutdown(self, timeout_s: float = 20.0) -> None:
+        """Stop gracefully within a bound (closing Slicer): STOP, SIGTERM, and a kill only at the end."""
+        if not self.running:
+            return
+        self.stop_grace_s, self.term_grace_s = min(self.stop_grace_s, timeout_s / 2), min(self.term_grace_s, timeout_s / 2)
+        self.cancel()
+        deadline = time.monotonic() + timeout_s + 5
+        while self.running and time.monotonic() < deadline:
+            self.poll()
+            time.sleep(0.05)
+        self.kill()
+
     def kill(self) -> None:
-        """End the whole process tree now (closing Slicer or the scene must not leave a worker behind)."""
+        """End the whole process group or tree now, leader alive or not (no worker outlives the panel)."""
+        self._signal("kill", force=True)
         if self.running:
-            self._signal("kill")
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -224,15 +258,15 @@ class Job:
         if waited > self.stop_grace_s + self.term_grace_s:
             self._signal("kill")
 
-    def _signal(self, which: str) -> None:
-        if which in self._signals_sent or self.process.poll() is not None:
+    def _signal(self, which: str, force: bool = False) -> None:
+        """Signal the whole group, whether or not its leader has exited (the launcher may be gone while the real
+        worker, its child, still runs)."""
+        if which in self._signals_sent and not force:
             return
         self._signals_sent.add(which)
         try:
             if sys.platform == "win32":
-                if which == "term":
-                    self.process.send_signal(signal.CTRL_BREAK_EVENT)
-                else:
+                if which == "kill":  # no "term" step: CTRL_BREAK cannot reach a group without a console
                     subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.process.pid)], capture_output=True)
             else:
                 os.killpg(self.process.pid, signal.SIGTERM if which == "term" else signal.SIGKILL)

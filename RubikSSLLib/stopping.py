@@ -7,10 +7,14 @@ the step in flight finishes and is checkpointed first.
 
 from __future__ import annotations
 
+import _thread
+import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from RubikSSLLib.errors import Cancelled
 
@@ -42,6 +46,22 @@ def cancel_on_signal() -> Iterator[None]:
         yield
     finally:
         _restore(previous)
+
+
+def watch_stop_file(path: str | os.PathLike, interval_s: float = 0.25) -> None:
+    """Treat the appearance of `path` as Ctrl-C: the STOP request of a command without a run folder (the panel's
+    cancel on every platform). The main thread gets the signal itself, so a blocking read is interrupted too."""
+    stop = Path(path)
+
+    def watch() -> None:
+        while not stop.exists():
+            time.sleep(interval_s)
+        if hasattr(signal, "pthread_kill"):
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        else:  # Windows: the next Python instruction of the main thread raises
+            _thread.interrupt_main()
+
+    threading.Thread(target=watch, daemon=True, name="stop-file-watch").start()
 
 
 class StopSignal:

@@ -112,6 +112,102 @@ def test_job_state_outcome_follows_the_exit_code_without_a_done_event() -> None:
     assert state.status == "failed" and "signal 9" in state.error
 
 
+def test_the_workers_done_event_decides_and_a_requested_cancel_is_never_a_failure() -> None:
+    launcher_killed = JobState()  # the real worker checkpointed and said so; its launcher died of the SIGTERM
+    launcher_killed.feed('@rubikssl {"event": "done", "status": "cancelled", "exit_code": 3}')
+    launcher_killed.finish(-15)
+    assert launcher_killed.status == "cancelled"
+    escalated = JobState(cancel_requested=True)  # the user cancelled and it had to be killed
+    escalated.finish(-9)
+    assert escalated.status == "cancelled"
+    unasked = JobState()
+    unasked.finish(-15)
+    assert unasked.status == "failed"
+
+
+STAND_IN_LAUNCHER = """
+import subprocess, sys
+# like PythonSlicer: start the real interpreter as a child in the same process group and wait for it
+child = subprocess.Popen([sys.executable, *sys.argv[2:]])
+open(sys.argv[1], "w").write(str(child.pid))
+sys.exit(child.wait())
+"""
+
+
+def launched_job(tmp_path: Path, data: Path, run: Path, **kwargs) -> tuple[Job, Path]:
+    launcher, child_pid = tmp_path / "launcher.py", tmp_path / "child.pid"
+    launcher.write_text(STAND_IN_LAUNCHER)
+    args = command_line(sys.executable, "pretrain", {"data": [str(data)], "out": str(run), "steps": 100000,
+                                                     "eval_every": 50000, **TINY})
+    job = Job([sys.executable, str(launcher), str(child_pid), *args[1:]], run_dir=run,
+              cwd=str(Path(__file__).resolve().parents[1]), **kwargs)
+    return job, child_pid
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and signals are POSIX")
+def test_a_cancel_through_a_launcher_ends_cancelled_with_the_checkpoint(small_adrenal: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    job, _ = launched_job(tmp_path, small_adrenal, run, stop_grace_s=0.0)  # straight to SIGTERM of the group
+    wait_for_step(job, 2)
+    job.cancel()
+    state = job.wait(timeout=120)
+    assert state.status == "cancelled", (state.exit_code, state.log[-5:])
+    assert (run / rundir.TRAINING_STATE).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform == "win32", reason="process groups and signals are POSIX")
+def test_the_real_worker_dies_with_the_job_even_after_its_launcher_died(small_adrenal: Path, tmp_path: Path) -> None:
+    job, child_pid = launched_job(tmp_path, small_adrenal, tmp_path / "run")
+    wait_for_step(job, 1)
+    worker = int(child_pid.read_text())
+    os.kill(job.process.pid, 9)  # the launcher dies; the worker, its child, runs on
+    job.process.wait()
+    assert alive(worker)
+    job.kill()
+    deadline = time.monotonic() + 30
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker), "the worker outlived its killed launcher"
+
+
+@pytest.mark.slow
+def test_a_command_without_a_run_folder_is_cancelled_by_its_stop_file(tmp_path: Path) -> None:
+    """Inference, puzzles, the serve worker: the STOP file (the Windows path too) ends them as cancelled, exit 3."""
+    stroke, lesion = shared("seg/stroke_t2/T2.nii.gz"), shared("seg/stroke_t2/lesionT2.nii.gz")
+    datalist = tmp_path / "stroke.json"
+    datalist.write_text(f'{{"training": [{{"image": "{stroke}", "label": "{lesion}"}}], '
+                        f'"validation": [{{"image": "{stroke}", "label": "{lesion}"}}]}}')
+    model = tmp_path / "model"
+    training = Job(command_line(sys.executable, "finetune", {
+        "task": "segment", "train": str(datalist), "val": str(datalist), "out": str(model), "spacing": 4,
+        "patch_size": 16, "batch_size": 1, "epochs": 1, "iterations_per_epoch": 1, "widths": "8,16", "device": "cpu"}),
+        run_dir=model, cwd=str(Path(__file__).resolve().parents[1]))
+    assert training.wait(timeout=300).status == "ok", training.state.log[-5:]
+    worker = Job(command_line(sys.executable, "serve", {"model": str(model), "device": "cpu"}), requests=True,
+                 cwd=str(Path(__file__).resolve().parents[1]))
+    deadline = time.monotonic() + 120
+    while not any(line.startswith("@rubikssl") for line in worker.state.log) and worker.state.fraction == 0:
+        events = worker.poll()
+        if any(e["event"] == "ready" for e in events):
+            break
+        assert time.monotonic() < deadline and worker.running, worker.state.log[-5:]
+        time.sleep(0.05)
+    worker.cancel()
+    state = worker.wait(timeout=60)
+    assert state.exit_code == 3 and state.status == "cancelled", state.log[-5:]
+    assert not worker._signals_sent  # the STOP file did it: no signal was needed
+
+
 # --- geometry between Slicer nodes (KJI array + IJKToRAS) and files (LPS) ---
 
 def test_ijk_to_ras_round_trips_and_matches_the_nrrd_header_of_a_real_oblique_volume(tmp_path: Path) -> None:
