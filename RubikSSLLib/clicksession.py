@@ -16,6 +16,20 @@ from typing import Any
 from RubikSSLLib.jobs import Job
 
 Point = tuple[float, float, float]  # RAS mm
+POSITION_DEFINED = 2  # vtkMRMLMarkupsNode::PositionDefined (PositionUndefined 0, PositionPreview 1)
+
+
+def defined_points(markups) -> list[Point]:
+    """The placed control points of a Slicer markups point list, in world RAS mm (a point being placed, still
+    following the mouse, is not one). `markups`: a vtkMRMLMarkupsFiducialNode or anything with its methods."""
+    points = []
+    for index in range(markups.GetNumberOfControlPoints()):
+        if markups.GetNthControlPointPositionStatus(index) != POSITION_DEFINED:
+            continue
+        position = [0.0, 0.0, 0.0]
+        markups.GetNthControlPointPositionWorld(index, position)
+        points.append(tuple(float(v) for v in position))
+    return points
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from RubikSSLLib.errors import BadInput
-from RubikSSLLib.volumes import Geometry
+from RubikSSLLib.geometry import Geometry
 
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 

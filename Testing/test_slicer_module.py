@@ -20,6 +20,8 @@ from conftest import REPO
 
 MODULE = REPO / "RubikSSL"
 MODULE_SOURCE = MODULE / "RubikSSL.py"
+PARTS = MODULE / "RubikSSLModuleLib"
+MODULE_FILES = [MODULE_SOURCE, *sorted(PARTS.glob("*.py"))]
 UI = MODULE / "Resources" / "UI" / "RubikSSL.ui"
 
 # parameterNodeWrapper's GUI connectors match the EXACT widget class (Slicer: Base/Python/slicer/parameterNodeWrapper/guiConnectors.py).
@@ -37,13 +39,18 @@ COMBO_BOXES = {"QComboBox", "ctkComboBox"}
 NODE_COMBOS = {"qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox"}
 
 
-def module_tree() -> ast.Module:
-    return ast.parse(MODULE_SOURCE.read_text(encoding="utf-8"))
+def module_tree(path: Path = MODULE_SOURCE) -> ast.Module:
+    return ast.parse(path.read_text(encoding="utf-8"))
+
+
+def module_classes() -> dict[str, ast.ClassDef]:
+    """Every class of the module file and its parts, by name."""
+    return {n.name: n for path in MODULE_FILES for n in module_tree(path).body if isinstance(n, ast.ClassDef)}
 
 
 def parameter_fields() -> dict[str, str]:
     """Field name -> annotation source of RubikSSLParameterNode."""
-    node = next(n for n in module_tree().body if isinstance(n, ast.ClassDef) and n.name == "RubikSSLParameterNode")
+    node = module_classes()["RubikSSLParameterNode"]
     return {s.target.id: ast.unparse(s.annotation) for s in node.body if isinstance(s, ast.AnnAssign)}
 
 
@@ -67,7 +74,7 @@ def test_ui_root_and_unique_names() -> None:
 
 
 def test_every_ui_attribute_the_code_uses_exists() -> None:
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_SOURCE.read_text(encoding="utf-8")))
+    used = {name for path in MODULE_FILES for name in re.findall(r"self\.ui\.(\w+)", path.read_text(encoding="utf-8"))}
     classes = {w.get("name"): w.get("class") for w in ui_widgets()}
     assert used, "the widget uses no ui attributes?"
     assert not used - classes.keys(), f"used in RubikSSL.py but missing from the .ui: {sorted(used - classes.keys())}"
@@ -91,7 +98,11 @@ def test_every_parameter_binding_names_a_field_with_a_compatible_widget() -> Non
             elif prop.get("stdset") == "0":
                 pytest.fail(f"{widget.get('name')}: stray dynamic property {prop.get('name')!r} (a typo of SlicerParameterName?)")
     assert not bound.keys() - fields.keys(), f"bound to missing fields: {sorted(bound.keys() - fields.keys())}"
-    assert not fields.keys() - bound.keys(), f"fields without a widget: {sorted(fields.keys() - bound.keys())}"
+    synced = path_fields()  # plain strings the widget syncs with a ctkPathLineEdit itself ("" shows as empty)
+    assert not fields.keys() - bound.keys() - synced.keys(), f"fields without a widget: {sorted(fields.keys() - bound.keys() - synced.keys())}"
+    classes = {w.get("name"): w.get("class") for w in ui_widgets()}
+    for name, widget in synced.items():
+        assert fields[name] == "str" and name not in bound and classes[widget] == "ctkPathLineEdit", name
     for name, widget_class in bound.items():
         kind = base_type(fields[name])
         assert widget_class in WIDGETS_FOR_TYPE[kind], f"{name}: {widget_class} cannot show a {kind}"
@@ -128,9 +139,11 @@ def test_custom_widgets_are_declared() -> None:
 
 def test_module_classes_and_required_texts() -> None:
     tree = module_tree()
-    classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
-    assert {"RubikSSL", "RubikSSLWidget", "RubikSSLLogic", "RubikSSLTest", "RubikSSLParameterNode"} <= classes
-    init = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RubikSSL").body[0]
+    classes = module_classes()
+    assert {"RubikSSL", "RubikSSLWidget", "RubikSSLLogic", "RubikSSLTest", "RubikSSLParameterNode"} <= classes.keys()
+    imported = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert {"RubikSSLWidget", "RubikSSLLogic"} <= imported  # Slicer looks them up by name in RubikSSL.py
+    init = classes["RubikSSL"].body[0]
     assigned = {ast.unparse(s.targets[0]): s.value for s in ast.walk(init) if isinstance(s, ast.Assign)}
     for attribute in ("title", "categories", "contributors", "helpText", "acknowledgementText"):
         value = assigned[f"self.parent.{attribute}"]
@@ -140,18 +153,19 @@ def test_module_classes_and_required_texts() -> None:
 
 def test_import_hygiene() -> None:
     heavy = {"torch", "monai", "slicerio", "safetensors", "filelock"}
-    for node in module_tree().body:  # module level only: Slicer imports this file at startup
-        if isinstance(node, (ast.Import, ast.ImportFrom)):
-            names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-            assert not {n.split(".")[0] for n in names if n} & heavy, ast.unparse(node)
+    for path in MODULE_FILES:  # module level only: Slicer imports these at startup
+        for node in module_tree(path).body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+                assert not {n.split(".")[0] for n in names if n} & (heavy | {"SimpleITK"}), f"{path.name}: {ast.unparse(node)}"
     for path in (REPO / "RubikSSLLib").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
                 assert not {n.split(".")[0] for n in names} & {"slicer", "qt", "ctk", "vtk"}, f"{path.name}: {ast.unparse(node)}"
     # what the module imports from the library at startup pulls in nothing heavy
-    probe = ("import sys; import RubikSSLLib.jobs, RubikSSLLib.slicergeometry; "
-             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(heavy)!r})))")
+    probe = ("import sys; import RubikSSLLib.jobs, RubikSSLLib.slicergeometry, RubikSSLLib.clicksession, RubikSSLLib.taskspec; "
+             f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(heavy | {'SimpleITK'})!r})))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True).stdout
     assert loaded.strip() == "[]"
 
@@ -165,6 +179,12 @@ def files_under(folder: Path, skip: set[str]) -> set[str]:
     return {p.relative_to(folder).as_posix() for p in folder.rglob("*")
             if p.is_file() and "__pycache__" not in p.parts and not (set(p.relative_to(folder).parts) & skip)
             and p.name != "CMakeLists.txt"}
+
+
+def path_fields() -> dict[str, str]:
+    tree = module_tree(PARTS / "parameters.py")
+    assignment = next(n for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "PATH_FIELDS")
+    return ast.literal_eval(assignment.value)
 
 
 def test_cmake_lists_match_the_files_on_disk() -> None:
@@ -249,12 +269,19 @@ def slicer_module(monkeypatch: pytest.MonkeyPatch):
     wrapper = sys.modules["slicer.parameterNodeWrapper"]
     wrapper.parameterNodeWrapper = lambda cls: cls
     wrapper.Choice = wrapper.WithinRange = lambda *args: None
+    sys.modules["slicer.ScriptedLoadableModule"].ScriptedLoadableModuleLogic = type(
+        "ScriptedLoadableModuleLogic", (), {"__init__": lambda self, *a, **k: None})
     monkeypatch.syspath_prepend(str(MODULE))
-    sys.modules.pop("RubikSSL", None)
+    forget_module()
     import RubikSSL
 
     yield RubikSSL
-    sys.modules.pop("RubikSSL", None)
+    forget_module()
+
+
+def forget_module() -> None:
+    for name in [n for n in sys.modules if n == "RubikSSL" or n.startswith("RubikSSLModuleLib")]:
+        sys.modules.pop(name)
 
 
 def accepted_by_the_cli(command: str, options: dict) -> None:
@@ -265,19 +292,27 @@ def accepted_by_the_cli(command: str, options: dict) -> None:
     build_parser().parse_args(args[3:])  # argparse exits (SystemExit) on an unknown or malformed option
 
 
-def test_every_command_the_logic_builds_is_accepted_by_the_cli(slicer_module, tmp_path: Path) -> None:
+def test_every_command_the_logic_builds_is_accepted_by_the_cli(slicer_module, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from RubikSSLModuleLib import logic as logic_module, nodeio
+
     logic = slicer_module.RubikSSLLogic.__new__(slicer_module.RubikSSLLogic)
     started = []
     logic.start = lambda command, options, **kwargs: started.append((command, options))
-    logic.workDirectory = lambda: tmp_path
-    logic.writeVolume = lambda node, path, rasBounds=None: path
+    logic.workBase = lambda: tmp_path
+    monkeypatch.setattr(nodeio, "write_volume", lambda node, path, rasBounds=None: path)
+    assert logic_module.nodeio is nodeio
     params = types.SimpleNamespace(**{name: None for name in parameter_fields()})
-    params.__dict__.update(puzzleSeed=3, pretrainFolder=tmp_path, pretrainRun=tmp_path / "pre", cubeSize=16,
+    dicom_name = "3: T1 / axial"  # how Slicer names a DICOM series: not a legal file name on Windows
+    params.__dict__.update(puzzleSeed=3, pretrainFolder=str(tmp_path), pretrainRun=str(tmp_path / "pre"), cubeSize=16,
                            numPermutations=50, steps=10, batchSize=2, device="cpu", finetuneTask="segment",
-                           labelledData=tmp_path / "datalist.json", fromScratch=False, decoder="duc", epochs=2,
-                           labelFraction=0.5, finetuneRun=tmp_path / "ft", modelRun=tmp_path / "ft", pretrainTask="mae",
-                           inputVolume=types.SimpleNamespace(GetName=lambda: "case"), roi=None)
+                           labelledData=str(tmp_path / "datalist.json"), fromScratch=False, decoder="duc", epochs=2,
+                           labelFraction=0.5, finetuneRun=str(tmp_path / "ft"), modelRun=str(tmp_path / "ft"),
+                           pretrainTask="mae", inputVolume=types.SimpleNamespace(GetName=lambda: dicom_name), roi=None)
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "config.json").write_text(json.dumps({"data": ["/the/first/start/volume_000.nrrd"]}))
     logic.startPretraining(params, volumes=[object()], resume=True)
+    logic.startPretraining(params, volumes=[object(), object()])
     logic.startFinetuning(params, resume=False)
     logic.startPuzzle(params, solve=True)
     logic.startPuzzle(params, solve=False)
@@ -285,10 +320,15 @@ def test_every_command_the_logic_builds_is_accepted_by_the_cli(slicer_module, tm
     for task in ("segment", "classify"):
         (tmp_path / "ft" / "model.json").write_text(json.dumps({"task": task}))
         logic.startInference(params)
-    assert [c for c, _ in started] == ["pretrain", "finetune", "puzzle", "puzzle", "segment", "classify"]
-    assert started[3][1]["task"] == "mae" and started[0][1]["task"] == "mae"
+    assert [c for c, _ in started] == ["pretrain", "pretrain", "finetune", "puzzle", "puzzle", "segment", "classify"]
+    assert started[4][1]["task"] == "mae" and started[0][1]["task"] == "mae"
     for command, options in started:
         accepted_by_the_cli(command, options)
-    pretrain_options = started[0][1]
-    assert pretrain_options["data"] == [str(tmp_path), str(tmp_path / "000.nrrd")] and pretrain_options["resume"] is True
-    assert slicer_module.isSet(Path("")) is False and slicer_module.isSet(tmp_path)
+        for value in options.values():  # fixed file names: the node's name is never part of a path
+            assert dicom_name not in str(value) and ":" not in Path(str(value)).name
+    resumed, fresh = started[0][1], started[1][1]
+    assert resumed["data"] == ["/the/first/start/volume_000.nrrd"] and resumed["resume"] is True  # nothing rewritten
+    assert fresh["data"] == [str(tmp_path), str(tmp_path / "pretrain" / "volume_000.nrrd"),
+                             str(tmp_path / "pretrain" / "volume_001.nrrd")]
+    assert started[5][1]["out"] == str(tmp_path / "inference" / "result.seg.nrrd") and started[5][1]["device"] == "cpu"
+    assert slicer_module.RubikSSLParameterNode.pretrainRun == "" and not logic_module.isSet("") and logic_module.isSet(str(tmp_path))

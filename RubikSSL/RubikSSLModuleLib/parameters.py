@@ -1,0 +1,60 @@
+"""The panel's settings (saved with the scene) and the helpers that read them."""
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+
+# Path settings are plain strings synced by the widget: parameterNodeWrapper writes a Path("") default as "." into
+# a ctkPathLineEdit, which then cannot be emptied, and text typed after it became a relative path.
+PATH_FIELDS = {"pretrainFolder": "pretrainFolderPathLineEdit", "labelledData": "labelledDataPathLineEdit",
+               "pretrainRun": "pretrainRunPathLineEdit", "finetuneRun": "finetuneRunPathLineEdit",
+               "modelRun": "modelRunPathLineEdit", "interactiveModel": "interactiveModelPathLineEdit"}
+
+
+@parameterNodeWrapper
+class RubikSSLParameterNode:
+    """The panel's settings; they are saved with the scene.
+
+    inputVolume: the volume to scramble, solve or segment. roi: optional box that restricts inference.
+    Paths ("" when unset) are run folders (pretrainRun, finetuneRun, modelRun, interactiveModel) or data
+    (pretrainFolder, labelledData: a folder, datalist JSON or nnU-Net raw folder). Sizes are voxels, steps are
+    optimiser steps.
+    """
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    labelledSegmentation: vtkMRMLSegmentationNode
+    roi: vtkMRMLMarkupsROINode
+    interactiveSegmentation: vtkMRMLSegmentationNode
+    puzzleSeed: Annotated[int, WithinRange(0, 1_000_000)] = 0
+    pretrainFolder: str = ""
+    pretrainRun: str = ""
+    pretrainTask: Annotated[str, Choice(["rubik", "rubik+", "rubik++", "jigsaw", "rotation", "rpl", "exemplar", "cpc", "mae", "genesis"])] = "rubik"
+    cubeSize: Annotated[int, WithinRange(8, 128)] = 32
+    numPermutations: Annotated[int, WithinRange(2, 1000)] = 100
+    steps: Annotated[int, WithinRange(1, 10_000_000)] = 2000
+    batchSize: Annotated[int, WithinRange(1, 512)] = 8
+    device: Annotated[str, Choice(["auto", "cpu", "cuda"])] = "auto"
+    finetuneTask: Annotated[str, Choice(["segment", "classify"])] = "segment"
+    labelledData: str = ""
+    fromScratch: bool = False
+    decoder: Annotated[str, Choice(["unet", "duc"])] = "unet"
+    epochs: Annotated[int, WithinRange(1, 100_000)] = 20
+    labelFraction: Annotated[float, WithinRange(0.01, 1.0)] = 1.0
+    finetuneRun: str = ""
+    modelRun: str = ""
+    interactiveModel: str = ""
+
+
+def isSet(path) -> bool:
+    return path is not None and str(path).strip() not in ("", ".")
+
+
+def storedConfig(runFolder: str) -> dict:
+    """A run's own config.json ({} if it has none yet): what Resume continues with."""
+    try:
+        return json.loads((Path(runFolder) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
