@@ -118,7 +118,9 @@ class Finetuning(RunLoop):
         torch.manual_seed(config.seed)
         network = models.build_for(config, num_classes)
         if config.resume_from is not None:
-            self.load_report = transfer.load_finetuned_weights(network, config.resume_from, self.card_classes())
+            self.load_report = transfer.load_finetuned_weights(network, config.resume_from, self.card_classes(),
+                                                               values_only=config.interactive)
+            self.names = self.load_report.pop("class_names")  # the model's names go on
             self.reporter.log(f"continuing from the fine-tuned model {config.resume_from}")
         elif config.init != "scratch":
             report, card = transfer.load_encoder(network, config.init, config.init_stages)

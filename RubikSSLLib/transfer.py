@@ -138,16 +138,18 @@ def load_decoder(network: nn.Module, pretrained: dict[str, torch.Tensor], path: 
     report.decoder = sorted(DECODER_PREFIX + name for name in target)
 
 
-def load_finetuned_weights(network: nn.Module, run_or_file: str | Path, classes: list[dict]) -> dict:
+def load_finetuned_weights(network: nn.Module, run_or_file: str | Path, classes: list[dict],
+                           values_only: bool = False) -> dict:
     """Every weight of a fine-tuned model into `network` (continuing its training on more cases): the model must
-    have the same classes (label values and names) and the same network, else it is refused with the reason.
-    Returns the model-card report ("init")."""
+    have the same classes (label values and names; values only for an interactive model, whose one object a user
+    may name anyhow) and the same network, else it is refused with the reason. Returns the model-card report
+    ("init") with the model's own class names."""
     path = pretrained_model_file(run_or_file)
     state, card = checkpoint.load_model(path)
     if "classes" not in card or card.get("task") not in ("segment", "classify"):
         raise BadInput(f"{path}: is not a fine-tuned model; --resume-from takes a run of rubikssl finetune")
-    theirs = [(c["value"], c["name"]) for c in card["classes"]]
-    ours = [(c["value"], c["name"]) for c in classes]
+    theirs = [(c["value"],) if values_only else (c["value"], c["name"]) for c in card["classes"]]
+    ours = [(c["value"],) if values_only else (c["value"], c["name"]) for c in classes]
     if theirs != ours:
         raise BadInput(f"{path}: its classes {theirs} differ from the new data's {ours}; label the new cases with the "
                        "model's classes")
@@ -156,4 +158,5 @@ def load_finetuned_weights(network: nn.Module, run_or_file: str | Path, classes:
     except RuntimeError as error:
         raise BadInput(f"{path}: its network differs from this one ({str(error).splitlines()[0][:100]}); continue it "
                        "with its own settings (they are read from its card)") from None
-    return {"resumed_from": str(path), "previous_step": card.get("step"), "previous_data": card.get("data", {}).get("train")}
+    return {"resumed_from": str(path), "previous_step": card.get("step"), "previous_data": card.get("data", {}).get("train"),
+            "class_names": [c["name"] for c in card["classes"]]}

@@ -180,6 +180,17 @@ def test_work_folders_are_reused_and_emptied_and_file_names_are_fixed(tmp_path: 
     assert nodeio.pretraining_volume(3) == "volume_003.nrrd" and nodeio.SEGMENTATION_RESULT == "result.seg.nrrd"
 
 
+def test_accepted_cases_gather_into_one_datalist(tmp_path: Path) -> None:
+    for node_id, image in (("vtkMRMLScalarVolumeNode3", "a.nrrd"), ("vtkMRMLScalarVolumeNode7", "b.nrrd")):
+        folder = tmp_path / nodeio.accepted_case(node_id)
+        folder.mkdir()
+        case = {"image": image, "label": "label.nrrd"}
+        (folder / nodeio.DATALIST).write_text(json.dumps({"training": [case], "validation": [case]}))
+    datalist = json.loads(nodeio.write_accepted_datalist(tmp_path).read_text())
+    assert [c["image"] for c in datalist["training"]] == ["a.nrrd", "b.nrrd"] == [c["image"] for c in datalist["validation"]]
+    assert nodeio.accepted_case("vtkMRMLScalarVolumeNode3") == "case_vtkMRMLScalarVolumeNode3"
+
+
 def test_the_first_volume_offered_is_not_a_labelmap() -> None:
     class Node:
         def __init__(self, labelmap: bool) -> None:

@@ -320,7 +320,12 @@ def test_every_command_the_logic_builds_is_accepted_by_the_cli(slicer_module, tm
     for task in ("segment", "classify"):
         (tmp_path / "ft" / "model.json").write_text(json.dumps({"task": task}))
         logic.startInference(params)
-    assert [c for c, _ in started] == ["pretrain", "pretrain", "finetune", "puzzle", "puzzle", "segment", "classify"]
+    params.interactiveModel = str(tmp_path / "ft")
+    logic.startContinuedFinetuning(params)
+    logic.startRanking(params, volumes=[object()])
+    assert [c for c, _ in started] == ["pretrain", "pretrain", "finetune", "puzzle", "puzzle", "segment", "classify",
+                                       "finetune", "rank"]
+    assert started[7][1]["resume_from"] == str(tmp_path / "ft")
     assert started[4][1]["task"] == "mae" and started[0][1]["task"] == "mae"
     for command, options in started:
         accepted_by_the_cli(command, options)

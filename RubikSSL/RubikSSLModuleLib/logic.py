@@ -14,7 +14,8 @@ from RubikSSLLib import jobs, taskspec
 from RubikSSLModuleLib import install, jobcontrol, nodeio, results
 from RubikSSLModuleLib.parameters import RubikSSLParameterNode, isSet, storedConfig
 
-JOB_BUTTONS = ("scramble", "solve", "pretrain", "resumePretrain", "finetune", "resumeFinetune", "run")
+JOB_BUTTONS = ("scramble", "solve", "pretrain", "resumePretrain", "finetune", "resumeFinetune", "run",
+               "continueFinetune", "rank")
 
 
 class RubikSSLLogic(ScriptedLoadableModuleLogic):
@@ -43,7 +44,9 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
                 "resumePretrain": isSet(p.pretrainRun),
                 "finetune": isSet(p.finetuneRun) and (isSet(p.labelledData) or (hasVolume and bool(p.labelledSegmentation)))
                 and (p.fromScratch or isSet(p.pretrainRun)),
-                "resumeFinetune": isSet(p.finetuneRun), "run": hasVolume and isSet(p.modelRun)}
+                "resumeFinetune": isSet(p.finetuneRun), "run": hasVolume and isSet(p.modelRun),
+                "continueFinetune": isSet(p.interactiveModel) and isSet(p.finetuneRun) and bool(self.acceptedCases()),
+                "rank": isSet(p.interactiveModel) and (isSet(p.pretrainFolder) or pretrainVolumesChecked)}
 
     # --- dependencies: versions read without importing, installs only on request ---
 
@@ -134,3 +137,35 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
                        onFinished=lambda state: results.loadTaskSample(folder / "puzzle", inputNode))
             return
         self.start("puzzle", options, needsScene=True, onFinished=lambda state: results.loadPuzzle(folder / "puzzle", inputNode))
+
+    # --- human in the loop: accepted cases, continued fine-tuning, which case next ---
+
+    def acceptCase(self, inputNode, segmentationNode) -> Path:
+        """Keep the volume and its segments (as they are now) as a labelled case; accepting the same volume again
+        replaces its case. Returns the datalist of every accepted case."""
+        accepted = nodeio.work_folder(self.workBase(), "accepted", keep=True)
+        folder = accepted / nodeio.accepted_case(inputNode.GetID())
+        folder.mkdir(exist_ok=True)
+        nodeio.write_labelled_case(inputNode, segmentationNode, folder)
+        return nodeio.write_accepted_datalist(accepted)
+
+    def acceptedCases(self) -> list:
+        folder = self.workBase() / "accepted"
+        return sorted(folder.glob("*/" + nodeio.DATALIST)) if folder.is_dir() else []
+
+    def startContinuedFinetuning(self, p: RubikSSLParameterNode) -> None:
+        """Continue the interactive model on the accepted cases, into the fine-tuning run folder."""
+        datalist = str(nodeio.write_accepted_datalist(nodeio.work_folder(self.workBase(), "accepted", keep=True)))
+        options = {"task": "segment", "resume_from": p.interactiveModel, "train": datalist, "val": datalist,
+                   "out": p.finetuneRun, "epochs": p.epochs, "device": p.device}
+        self.start("finetune", options, runDir=p.finetuneRun, device=p.device,
+                   onFinished=lambda state: _("Continued fine-tuning finished: {metrics}; use {run} as the interactive "
+                                              "model").format(metrics=json.dumps(state.metrics), run=p.finetuneRun))
+
+    def startRanking(self, p: RubikSSLParameterNode, volumes: list) -> None:
+        folder = nodeio.work_folder(self.workBase(), "rank")
+        data = [p.pretrainFolder] if isSet(p.pretrainFolder) else []
+        data += [str(nodeio.write_volume(node, folder / nodeio.pretraining_volume(index))) for index, node in enumerate(volumes)]
+        out = folder / nodeio.RANKING
+        self.start("rank", {"model": p.interactiveModel, "data": data, "out": str(out), "device": p.device},
+                   device=p.device, needsScene=True, onFinished=lambda state: results.loadRanking(out))

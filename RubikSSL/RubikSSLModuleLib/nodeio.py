@@ -17,10 +17,29 @@ INPUT_VOLUME = "input.nrrd"
 SEGMENTATION_RESULT = "result.seg.nrrd"
 CLASSIFICATION_RESULT = "classification.json"
 LABELLED_IMAGE, LABELLED_LABEL, DATALIST = "image.nrrd", "label.nrrd", "datalist.json"
+RANKING = "ranking.json"
 
 
 def pretraining_volume(index: int) -> str:
     return f"volume_{index:03d}.nrrd"
+
+
+def accepted_case(node_id: str) -> str:
+    """The folder name of an accepted case: from the node's ID (vtkMRMLScalarVolumeNode3 -> case_vtkMRMLScalarVolumeNode3)."""
+    return "case_" + "".join(c for c in node_id if c.isalnum())
+
+
+def write_accepted_datalist(folder: Path) -> Path:
+    """One datalist of every accepted case under `folder` (each case folder holds its own one-case datalist);
+    they train and validate alike, as a single labelled case does."""
+    import json
+
+    cases = []
+    for case_list in sorted(Path(folder).glob("*/" + DATALIST)):
+        cases += json.loads(case_list.read_text(encoding="utf-8"))["training"]
+    path = Path(folder) / DATALIST
+    path.write_text(json.dumps({"training": cases, "validation": cases}, indent=2), encoding="utf-8")
+    return path
 
 
 def work_folder(base: Path, kind: str, keep: bool = False) -> Path:

@@ -124,3 +124,19 @@ def loadIntoSegment(labelmapPath: Path, segmentationNode, segmentId: str, inputN
         return int((slicer.util.arrayFromVolume(labelmapNode) > 0).sum())
     finally:
         slicer.mrmlScene.RemoveNode(labelmapNode)
+
+
+def loadRanking(path: Path) -> str:
+    """The `rubikssl rank` result as a table: the case to correct first on top."""
+    ranking = json.loads(Path(path).read_text(encoding="utf-8"))["cases"]
+    table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", slicer.mrmlScene.GenerateUniqueName("RubikSSL ranking"))
+    for column in ("rank", "case", "uncertainty", "foreground voxels"):
+        table.AddColumn().SetName(column)
+    for rank, row in enumerate(ranking, start=1):
+        index = table.AddEmptyRow()
+        values = [rank, row["case"], f"{row['uncertainty']:.4f}" if row["found"] else _("nothing found"), row["foreground_voxels"]]
+        for column, value in enumerate(values):
+            table.SetCellText(index, column, str(value))
+    slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
+    slicer.app.applicationLogic().PropagateTableSelection()
+    return _("Ranked {count} cases: correct {first} first.").format(count=len(ranking), first=ranking[0]["case"] if ranking else "-")

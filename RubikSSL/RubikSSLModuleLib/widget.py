@@ -50,7 +50,9 @@ class RubikSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                   "resumePretrain": lambda: self.logic.startPretraining(self._parameterNode, [], resume=True),
                   "finetune": lambda: self.logic.startFinetuning(self._parameterNode),
                   "resumeFinetune": lambda: self.logic.startFinetuning(self._parameterNode, resume=True),
-                  "run": lambda: self.logic.startInference(self._parameterNode)}
+                  "run": lambda: self.logic.startInference(self._parameterNode),
+                  "continueFinetune": lambda: self.logic.startContinuedFinetuning(self._parameterNode),
+                  "rank": lambda: self.logic.startRanking(self._parameterNode, self.pretrainVolumes())}
         for key, start in starts.items():
             self.buttons[key].connect("clicked(bool)", lambda checked, key=key, start=start: self.onJobButton(key, start))
         self.ui.installButton.connect("clicked(bool)", self.onInstall)
@@ -61,8 +63,8 @@ class RubikSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                                  lambda text, name=name: self.onPathEdited(name, text))
         self.ui.interactiveStartButton.connect("clicked(bool)", self.onInteractiveStartOrStop)
         self.ui.undoClickButton.connect("clicked(bool)", lambda: self.interactive and self.interactive.undo())
-        self.ui.acceptButton.connect("clicked(bool)", lambda: self.interactive and self.interactive.accept())
-        self.ui.nextSegmentButton.connect("clicked(bool)", lambda: self.interactive and self.interactive.accept(nextSegment=True))
+        self.ui.acceptButton.connect("clicked(bool)", lambda: self.onAccept(nextSegment=False))
+        self.ui.nextSegmentButton.connect("clicked(bool)", lambda: self.onAccept(nextSegment=True))
         self.showVersions()
         self.initializeParameterNode()
         self.render()
@@ -200,6 +202,17 @@ class RubikSSLWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.interactive = interactivepanel.InteractivePanel(self.ui, self.logic.python(), self.logic.environment(p.device),
                                                                      self.logic.workBase())
                 self.interactive.start(p.interactiveModel, p.inputVolume, p.interactiveSegmentation, p.device)
+        self.render()
+
+    def onAccept(self, nextSegment: bool) -> None:
+        """Keep the segment, clear the points, and keep the case for the next fine-tune (human in the loop)."""
+        if self.interactive is None or not self.interactive.running:
+            return
+        self.interactive.accept(nextSegment=nextSegment)
+        with slicer.util.tryWithErrorDisplay(_("Could not keep the accepted case."), waitCursor=True):
+            self.logic.acceptCase(self.interactive.inputNode, self.interactive.segmentationNode)
+            self.ui.interactiveStatusLabel.text = _("Accepted; {count} accepted cases for the next fine-tune.").format(
+                count=len(self.logic.acceptedCases()))
         self.render()
 
     # --- dependencies ---
