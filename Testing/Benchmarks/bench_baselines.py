@@ -33,10 +33,10 @@ class MonaiResNet18(nn.Module):
 def build_network(name: str):
     original = models.build
 
-    def build(task, decoder, encoder_config, num_classes):
+    def build(task, decoder, encoder_config, num_classes, guidance_channels=0):
         if name == "monai-resnet18" and task == "classify":
             return MonaiResNet18(encoder_config.in_channels, num_classes)
-        return original(task, decoder, encoder_config, num_classes)
+        return original(task, decoder, encoder_config, num_classes, guidance_channels)
 
     return build
 
