@@ -337,3 +337,14 @@ def test_every_command_the_logic_builds_is_accepted_by_the_cli(slicer_module, tm
                              str(tmp_path / "pretrain" / "volume_001.nrrd")]
     assert started[5][1]["out"] == str(tmp_path / "inference" / "result.seg.nrrd") and started[5][1]["device"] == "cpu"
     assert slicer_module.RubikSSLParameterNode.pretrainRun == "" and not logic_module.isSet("") and logic_module.isSet(str(tmp_path))
+
+
+def test_the_interactive_workers_command_is_accepted_by_the_cli(slicer_module) -> None:
+    from RubikSSLModuleLib import interactivepanel
+
+    args = interactivepanel.serveCommand("python", "/runs/click_model", "cuda")
+    assert args[3:6] == ["serve", "--model", "/runs/click_model"]
+    accepted_by_the_cli("serve", {"model": "/runs/click_model", "device": "cuda"})
+    from RubikSSLLib.cli import build_parser
+
+    build_parser().parse_args(args[3:])

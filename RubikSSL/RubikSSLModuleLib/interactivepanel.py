@@ -21,6 +21,11 @@ POINT_EVENTS = ("PointModifiedEvent", "PointPositionDefinedEvent", "PointRemoved
 COLORS = {"include": (0.2, 0.8, 0.2), "exclude": (0.9, 0.2, 0.2)}
 
 
+def serveCommand(python: str, modelFolder: str, device: str) -> list:
+    """The worker's command line: `rubikssl serve` on the model, JSON events on stdout."""
+    return jobs.command_line(python, "serve", {"model": modelFolder, "device": device})
+
+
 class InteractivePanel:
     """Owns the worker, the two point lists' observers and the segment being drawn."""
 
@@ -43,8 +48,7 @@ class InteractivePanel:
     def start(self, modelFolder: str, inputNode, segmentationNode, device: str) -> None:
         folder = nodeio.work_folder(self.workBase, "interactive")
         volume = nodeio.write_volume(inputNode, folder / nodeio.INPUT_VOLUME)
-        args = jobs.command_line(self.python, "serve", {"model": modelFolder, "device": device})
-        job = jobs.Job(args, env=self.environment, requests=True)
+        job = jobs.Job(serveCommand(self.python, modelFolder, device), env=self.environment, requests=True)
         self.session = clicksession.ClickSession(job, [str(volume)], folder)
         self.inputNode, self.segmentationNode = inputNode, segmentationNode
         segmentationNode.CreateDefaultDisplayNodes()  # a node made by the combo's "add" has none: nothing would show
