@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,10 +147,12 @@ class Job:
         self._signals_sent: set[str] = set()
         self._lines: queue.Queue[str | None] = queue.Queue()
         env = dict(env or worker_environment())
+        self._own_stop_folder: Path | None = None
         if self.run_dir is not None:
             self.stop_file = self.run_dir / rundir.STOP
         else:
-            self.stop_file = Path(tempfile.mkdtemp(prefix="rubikssl-job-")) / rundir.STOP
+            self._own_stop_folder = Path(tempfile.mkdtemp(prefix="rubikssl-job-"))
+            self.stop_file = self._own_stop_folder / rundir.STOP
             env[STOP_FILE_VARIABLE] = str(self.stop_file)
         self.stop_file.unlink(missing_ok=True)  # an old request must not stop the new job
         self.process = subprocess.Popen(
@@ -198,6 +201,8 @@ class Job:
                 break
             if line is None:
                 self.state.finish(self.process.wait())
+                if self._own_stop_folder is not None:
+                    shutil.rmtree(self._own_stop_folder, ignore_errors=True)
                 break
             event = self.state.feed(line)
             if event is not None:
