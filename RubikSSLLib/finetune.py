@@ -182,7 +182,8 @@ class Finetuning(RunLoop):
                 metrics = {"epoch": self.epoch, **self.validate()}
                 self.history.append(metrics)
                 seconds = round(time.monotonic() - started, 1)  # training and validation: what a user plans with
-                self.reporter.metric(self.epoch, **{k: v for k, v in metrics.items() if k != "epoch"}, epoch_s=seconds)
+                self.reporter.metric(self.epoch, unit="epoch", **{k: v for k, v in metrics.items() if k != "epoch"},
+                                     epoch_s=seconds)
                 self.checkpoint(metrics, keep_last=True)  # the last model scores a paired comparison on val
         return metrics
 

@@ -66,9 +66,11 @@ class Reporter:
             self._bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in fields.items()}, refresh=False)
             self._bar.refresh()
 
-    def metric(self, step: int, **values: Any) -> None:
-        self._emit("metric", step=step, **values)
-        self._say(f"step {step}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
+    def metric(self, step: int, unit: str = "step", **values: Any) -> None:
+        """Held-out metrics at `step` (a pretraining step, or with unit="epoch" a fine-tuning epoch, which the
+        JSON event also carries as "epoch")."""
+        self._emit("metric", step=step, **({"epoch": step} if unit == "epoch" else {}), **values)
+        self._say(f"{unit} {step}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
 
     def artifact(self, path: str, kind: str) -> None:
         self._emit("artifact", path=str(path), kind=kind)

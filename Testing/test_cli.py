@@ -43,6 +43,16 @@ def test_every_command_prints_its_help(command: str) -> None:
     assert result.stdout.startswith("usage: rubikssl " + command)
 
 
+def test_fine_tuning_metrics_are_reported_per_epoch(capsys) -> None:
+    import io
+
+    events = io.StringIO()
+    progress.Reporter("json", stream=events).metric(4, unit="epoch", val_auc=0.8)
+    assert progress.parse_line(events.getvalue()) == {"event": "metric", "step": 4, "epoch": 4, "val_auc": 0.8}
+    progress.Reporter("bar").metric(4, unit="epoch", val_auc=0.8)
+    assert capsys.readouterr().err.startswith("epoch 4: val_auc 0.800")
+
+
 def test_parse_line_reads_events_and_ignores_everything_else() -> None:
     assert progress.parse_line('@rubikssl {"event": "progress", "step": 3}') == {"event": "progress", "step": 3}
     for other in ("step 3", "@rubikssl {not json", '@rubikssl {"step": 3}', '@rubikssl [1]', ""):
