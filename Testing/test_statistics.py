@@ -50,3 +50,15 @@ def test_the_bootstrap_interval_covers_a_known_effect_at_about_the_nominal_rate(
     strong = [statistics.paired_bootstrap(*synthetic_study(rng, 0.05), statistics.segmentation_metric, 40,
                                           resamples=300, seed=i)["p_value"] for i in range(20)]
     assert np.mean(np.array(strong) < 0.05) >= 0.9  # and the power to see a clear one
+
+
+def test_the_report_says_what_to_do_when_the_probe_is_no_better_than_random() -> None:
+    from RubikSSLLib.evaluate import diagnosis_text
+
+    shortcut = {"network_ordering_acc": 1.0, "trivial_ordering_acc": 0.365, "chance_ordering": 0.01}
+    worse = diagnosis_text({"linear_probe_auc": {"pretrained": 0.691, "random": 0.738}, "puzzle_shortcut": shortcut})
+    assert "no better than random" in worse[0] and "--init-stages 1" in worse[0] and "Far above chance" in worse[1]
+    better = diagnosis_text({"linear_probe_auc": {"pretrained": 0.80, "random": 0.738},
+                             "puzzle_shortcut": {**shortcut, "trivial_ordering_acc": 0.02}})
+    assert "better than random ones by +0.062" in better[0] and "Near chance" in better[1]
+    assert diagnosis_text({}) == []
