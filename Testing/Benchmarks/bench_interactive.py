@@ -59,14 +59,15 @@ def fold_list(cases: list[dict], fold: int, out: Path) -> Path:
     return path
 
 
-def train(dataset: str, fold: int, model: str, init: str, out: Path, args: argparse.Namespace) -> Path:
-    run = out / f"{model}_fold{fold}"
+def train(dataset: str, fold: int, model: str, init: str, out: Path, args: argparse.Namespace, seed: int = 0) -> Path:
+    run = out / (f"{model}_fold{fold}" if seed == 0 else f"{model}_fold{fold}_seed{seed}")
     if not evaluate.finished(run, args.epochs):
         data = str(fold_list(DATASETS[dataset], fold, out))
         rubikssl("finetune", "--task", "segment", "--train", data, "--val", data, "--out", str(run), "--init", init,
                  *(["--interactive"] if model != "automatic" else []), "--epochs", str(args.epochs),
                  "--iterations-per-epoch", str(args.iterations), "--patch-size", str(args.patch_size),
-                 "--spacing", str(args.spacing), "--batch-size", "2", *(["--resume"] if run.exists() else []))
+                 "--spacing", str(args.spacing), "--batch-size", "2", "--seed", str(seed),
+                 *(["--resume"] if run.exists() else []))
     return run
 
 
@@ -98,26 +99,29 @@ def accuracy_table(args: argparse.Namespace) -> str:
     models = [("automatic", "scratch"), ("interactive scratch", "scratch")] + [
         (f"interactive {name}", run) for name, run in (entry.split("=", 1) for entry in args.init)]
     lines = [f"{args.epochs} epochs x {args.iterations} batches of 2 x {args.patch_size}^3 at {args.spacing:g} mm, "
-             "one thread; Dice on the held-out case of each fold, mean ± sd over folds",
+             f"one thread, seeds {args.seed_list}; Dice on the held-out case of each fold, mean ± sd over folds and seeds",
              "", "| data | model | " + " | ".join(f"Dice@{n}" for n in CLICK_COUNTS) + " | NoC@85 (cap 10) | min per fine-tune |",
              "|---" * (len(CLICK_COUNTS) + 4) + "|"]
     results = {}
     for dataset, cases in DATASETS.items():
+        if args.datasets and dataset.split()[0].lower() not in args.datasets.split(","):
+            continue
         out = args.out / dataset.split()[0].lower()
         out.mkdir(parents=True, exist_ok=True)
         for model, init in models:
             sessions, minutes = [], []
-            for fold in range(len(cases)):
-                started = time.monotonic()
-                run = train(dataset, fold, model.replace(" ", "_"), init, out, args)
-                minutes.append((time.monotonic() - started) / 60)
-                sessions.append(score(run, cases[fold], model != "automatic"))
+            for seed in args.seed_list:
+                for fold in range(len(cases)):
+                    started = time.monotonic()
+                    run = train(dataset, fold, model.replace(" ", "_"), init, out, args, seed)
+                    minutes.append((time.monotonic() - started) / 60)
+                    sessions.append(score(run, cases[fold], model != "automatic"))
             results[f"{dataset} / {model}"] = sessions
             cells = [f"{np.mean([s[n] for s in sessions]):.3f} ± {np.std([s[n] for s in sessions]):.3f}" for n in CLICK_COUNTS]
             noc = [interactive.clicks_to_reach(s, 0.85) for s in sessions]
             lines.append(f"| {dataset} | {model} | " + " | ".join(cells) + f" | {np.mean(noc):.1f} | {max(minutes):.1f} |")
             print(lines[-1], flush=True)
-    write_json_atomic(args.out / "results.json", results)
+    write_json_atomic(args.out / f"results_seeds{'-'.join(map(str, args.seed_list))}.json", results)
     return "\n".join(lines)
 
 
@@ -173,9 +177,12 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--patch-size", type=int, default=48)
     parser.add_argument("--spacing", type=float, default=2.0)
+    parser.add_argument("--seeds", default="0", help="fine-tuning seeds, as 0,1,2 (each fold and model per seed)")
+    parser.add_argument("--datasets", default="", help="only these, as brats,ms (default: all)")
     parser.add_argument("--latency", action="store_true", help="only the latency table")
     parser.add_argument("--clicks", type=int, default=50, help="timed clicks per thread count")
     args = parser.parse_args()
+    args.seed_list = [int(v) for v in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
     print(latency_table(args) if args.latency else accuracy_table(args))
 
