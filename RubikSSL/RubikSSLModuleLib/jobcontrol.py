@@ -16,7 +16,7 @@ running and the panel stays usable. Closing Slicer stops any job gracefully with
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 IDLE, RUNNING, CANCELLING, FINISHED = "idle", "running", "cancelling", "finished"
@@ -50,7 +50,6 @@ class JobControl:
     progress: int | None = PROGRESS_HIDDEN
     shown_lines: int = 0
     error_to_show: str = ""
-    events: list[dict] = field(default_factory=list)
 
     # ---- user actions
     def start(self, key: str, job: Any, needs_scene: bool, on_finished: Callable[[Any], str] | None = None) -> None:
@@ -130,7 +129,6 @@ class JobControl:
                 self.error_to_show = self.status
         else:
             self.status = "Done."
-        self.job_state = state
         self.reset(keep_status=True)
 
     def reset(self, keep_status: bool = False) -> None:

@@ -29,10 +29,6 @@ class RubikSSLLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.control = jobcontrol.JobControl(texts={key: key for key in JOB_BUTTONS})
 
-    @property
-    def job(self):
-        return self.control.job if self.control.state != jobcontrol.IDLE else None
-
     def getParameterNode(self):
         return RubikSSLParameterNode(super().getParameterNode())
 
