@@ -339,6 +339,13 @@ class PuzzleConfig:
                               intensity=self.intensity, spacing_mm=self.spacing_mm)
 
 
+def check_result_file(out: str, suffix: str, why: str) -> None:
+    """A result file named <name><suffix> that can be written."""
+    if not out.endswith(suffix):
+        raise BadInput(f"--out {out}: name the result <name>{suffix} ({why})")
+    check_output_file(out)
+
+
 @dataclass
 class InferenceConfig:
     """Settings of `rubikssl segment` and `rubikssl classify`."""
@@ -352,10 +359,7 @@ class InferenceConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
-        suffix, why = self.SUFFIX
-        if not self.out.endswith(suffix):
-            raise BadInput(f"--out {self.out}: name the result <name>{suffix} ({why})")
-        check_output_file(self.out)
+        check_result_file(self.out, *self.SUFFIX)
 
 
 @dataclass
@@ -400,6 +404,4 @@ class RankConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
-        if not self.out.endswith(".json"):
-            raise BadInput(f"--out {self.out}: name the ranking <name>.json")
-        check_output_file(self.out)
+        check_result_file(self.out, ".json", "a JSON ranking")

@@ -59,17 +59,24 @@ def segment(model_dir: str | Path, volumes: list[str], out: str | Path, roi_size
     cleaned = postprocess.parse_classes(largest_component, card)
     image, volume = preprocess.network_input(volumes, card["config"], card["channels"])
     roi = tuple(roi_size or card["config"]["patch_size"])
-    if is_interactive(card):
-        voxels = clicks.voxel_clicks(given_clicks or [], volume.geometry, image.shape[1:])
-        indices = interactive.segment(model, image, voxels, roi, model_device(model)).astype(np.uint8)
-    else:
-        indices = whole_volume_classes(model, image, roi, overlap)
-    labels = labels_on_native_grid(indices, volume, card, cleaned)
+    labels = case_labels(model, card, image, volume, given_clicks or [], roi, cleaned, overlap)
     labelmap_path = out.with_name(out.name[: -len(".seg.nrrd")] + ".labels.nrrd")
     write_results(out, labelmap_path, labels, volume.native.geometry, card["classes"])
     counts = {c["name"]: int((labels == c["value"]).sum()) for c in card["classes"][1:]}
     return {"segmentation": str(out), "labelmap": str(labelmap_path), "voxels": counts, "largest_component": cleaned,
             "clicks": len(given_clicks or [])}
+
+
+def case_labels(model: torch.nn.Module, card: dict, image: np.ndarray, volume, points: list[clicks.Click],
+                roi: tuple[int, ...], cleaned: list[int], overlap: float = 0.25) -> np.ndarray:
+    """The card's label values (Z, Y, X) on the input file's own grid for one preprocessed case: an interactive
+    model segments the clicked object around `points` (the whole volume without any), any other the whole volume."""
+    if is_interactive(card):
+        voxels = clicks.voxel_clicks(points, volume.geometry, image.shape[1:])
+        indices = interactive.segment(model, image, voxels, roi, model_device(model)).astype(np.uint8)
+    else:
+        indices = whole_volume_classes(model, image, roi, overlap)
+    return labels_on_native_grid(indices, volume, card, cleaned)
 
 
 def whole_volume_classes(model: torch.nn.Module, image: np.ndarray, roi: tuple[int, ...], overlap: float = 0.25) -> np.ndarray:

@@ -29,8 +29,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from RubikSSLLib import clicks, interactive, postprocess, predict, preprocess
-from RubikSSLLib.devices import model_device
+from RubikSSLLib import clicks, postprocess, predict, preprocess
 from RubikSSLLib.errors import EXIT_CANCELLED, EXIT_OK, BadInput, Cancelled
 from RubikSSLLib.files import atomic_path
 from RubikSSLLib.progress import PREFIX
@@ -77,17 +76,13 @@ class Worker:
         image, volume = self.case(volumes)
         roi = tuple(int(v) for v in request.get("roi") or self.card["config"]["patch_size"])
         roi = tuple(max(r, p) for r, p in zip(roi, self.card["config"]["patch_size"]))
-        if self.interactive:
-            voxels = clicks.voxel_clicks(points, volume.geometry, image.shape[1:])
-            indices = interactive.segment(self.model, image, voxels, roi, model_device(self.model)).astype(np.uint8)
-        else:
-            indices = predict.whole_volume_classes(self.model, image, roi)
+        labels = predict.case_labels(self.model, self.card, image, volume, points, roi,
+                                     postprocess.parse_classes("card", self.card))
         network_s = time.perf_counter() - started
-        labels = predict.labels_on_native_grid(indices, volume, self.card, postprocess.parse_classes("card", self.card))
         write_result(Path(out), labels, volume.native.geometry, self.card["classes"])
         return {"ok": True, "out": out, "clicks": len(points),
                 "voxels": {c["name"]: int((labels == c["value"]).sum()) for c in self.card["classes"][1:]},
-                "seconds": round(time.perf_counter() - started, 3), "until_network_done_s": round(network_s, 3),
+                "seconds": round(time.perf_counter() - started, 3), "until_labels_done_s": round(network_s, 3),
                 "model_loads": self.model_loads, "case_loads": self.case_loads}
 
 

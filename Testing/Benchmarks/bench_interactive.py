@@ -142,7 +142,7 @@ def latency_table(args: argparse.Namespace) -> str:
     geometry = load_case(case["image"], card["config"]["spacing_mm"]).geometry
     rng = np.random.default_rng(0)
     points = [guidance.first_click(truth, rng)[0] for _ in range(args.clicks)]
-    lines = ["| threads | clicks | median s | 95th percentile s | network part, median s |", "|---|---|---|---|---|"]
+    lines = ["| threads | clicks | median s | 95th percentile s | until the labels are on the input grid, median s |", "|---|---|---|---|---|"]
     for threads in (1, 2):
         worker = subprocess.Popen([sys.executable, "-m", "RubikSSLLib", "serve", "--model", str(run), "--device", "cpu"],
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, cwd=REPO,
@@ -160,7 +160,7 @@ def latency_table(args: argparse.Namespace) -> str:
             reply = read()
             if number:
                 seconds.append(time.perf_counter() - started)
-                network.append(reply["until_network_done_s"])
+                network.append(reply["until_labels_done_s"])
         worker.stdin.close()
         worker.wait()
         lines.append(f"| {threads} | {len(seconds)} | {np.median(seconds):.3f} | {np.percentile(seconds, 95):.3f} | "
