@@ -146,9 +146,12 @@ class PretrainConfig(JsonConfig):
     device: str = field(default="auto", metadata=option(DEVICES))
     precision: str = field(default="auto", metadata=option("autocast precision", choices=("auto", "fp32", "bf16", "fp16")))
     workers: int = field(default=-1, metadata=option("DataLoader workers (-1: 0 on CPU, 4 on CUDA)"))
+    shortcut_puzzles: int = field(default=2000, metadata=option(
+        "puzzles of the trivial-cue shortcut check before a cube-grid pretraining (0: skip it)"))
 
     def __post_init__(self) -> None:
         check_range("steps", self.steps, 1, 1e9)
+        check_range("shortcut_puzzles", self.shortcut_puzzles, 0, 1e6)
         check_range("batch_size", self.batch_size, 2, 4096)
         check_range("learning_rate", self.learning_rate, 0, MAX_LEARNING_RATE, low_open=True)
         check_range("weight_decay", self.weight_decay, 0, 1)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from RubikSSLLib import downstream, finetune, rundir, statistics
+from RubikSSLLib import downstream, finetune, rundir, shortcuts, statistics
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.files import atomic_path, write_json_atomic, write_text_atomic
 from RubikSSLLib.finetune import FinetuneConfig, Finetuning
@@ -138,7 +138,7 @@ def diagnosis_text(diagnostics: dict) -> list[str]:
     if shortcut:
         network, trivial = shortcut["network_ordering_acc"], shortcut["trivial_ordering_acc"]
         verdict = ("Far above chance: the puzzle is partly won without anatomy, and solving it says little about the "
-                   "encoder; training longer on it can make the encoder worse." if trivial > 5 * shortcut["chance_ordering"]
+                   "encoder; training longer on it can make the encoder worse." if shortcuts.far_above_chance(shortcut)
                    else "Near chance: the puzzle cannot be won from these cues.")
         lines.append(f"Puzzle shortcut on these images: trivial cues (cube mean, spread, empty share, face means) order "
                      f"{trivial:.3f} of held-out puzzles (chance {shortcut['chance_ordering']:.3f}; the network: "

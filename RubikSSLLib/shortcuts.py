@@ -40,3 +40,55 @@ def trivial_ordering_accuracy(task, cases: list, puzzles: int = 2000, seed: int 
     accuracy = float((predict(cues[split:]).argmax(1) == order[split:]).mean())
     return {"trivial_ordering_acc": round(accuracy, 4), "chance_ordering": round(1 / classes, 4),
             "puzzles": puzzles}
+
+
+FAR_ABOVE_CHANCE = 5  # trivial accuracy above this many times chance: the puzzle is partly won without anatomy
+CHECK_CASES = 200  # volumes the pretraining check draws its puzzles from
+
+
+def far_above_chance(result: dict[str, float]) -> bool:
+    return result["trivial_ordering_acc"] > FAR_ABOVE_CHANCE * result["chance_ordering"]
+
+
+def smaller_cube_sizes(cube_size: int, smallest: int) -> list[int]:
+    """Cube edges (voxels) to try against a shortcut: 3/4 and 1/2 of `cube_size`, multiples of 4, >= `smallest`
+    (the encoder's downsampling)."""
+    sizes = {max(smallest, 4 * round(cube_size * share / 4)) for share in (0.75, 0.5)}
+    return sorted((size for size in sizes if size < cube_size), reverse=True)
+
+
+def pretraining_check(config, cases: list, puzzles: int) -> dict:
+    """Before pretraining `config` (a PretrainConfig of a cube-grid task) on `cases` (sampling.PreparedCase):
+    the trivial solver's held-out ordering accuracy, and, when it is far above chance, the same at smaller cube
+    sizes (the same prepared cases: a smaller crop fits in them). Returns {} for other tasks or puzzles == 0."""
+    import dataclasses
+
+    from RubikSSLLib import taskspec, tasks
+
+    if puzzles == 0 or config.task not in taskspec.PUZZLE_TASKS or not cases:
+        return {}
+    cases = cases[:CHECK_CASES]
+    result = trivial_ordering_accuracy(tasks.create(config), cases, puzzles, config.seed)
+    if far_above_chance(result):
+        result["smaller_cubes"] = {}
+        for size in smaller_cube_sizes(min(config.puzzle.cube_size), config.encoder.downsampling):
+            smaller = dataclasses.replace(config, puzzle=dataclasses.replace(config.puzzle, cube_size=(size,) * 3))
+            accuracy = trivial_ordering_accuracy(tasks.create(smaller), cases, puzzles, config.seed)
+            result["smaller_cubes"][str(size)] = accuracy["trivial_ordering_acc"]
+    return result
+
+
+def describe(result: dict, cube_size: int) -> str:
+    """One line for the pretraining log: the check's numbers, its verdict and what to try."""
+    line = (f"puzzle shortcut check: trivial cues (cube mean, spread, empty share, face means) order "
+            f"{result['trivial_ordering_acc']:.3f} of held-out puzzles at --cube-size {cube_size} "
+            f"(chance {result['chance_ordering']:.3f})")
+    if not far_above_chance(result):
+        return line + ": near chance, the puzzle cannot be won from these cues"
+    smaller = result.get("smaller_cubes", {})
+    tried = ", ".join(f"{size}: {accuracy:.3f}" for size, accuracy in smaller.items())
+    best = min(smaller, key=smaller.get) if smaller else None
+    advice = (f"; smaller cubes leave less to the cues ({tried}): try --cube-size {best}" if best
+              and smaller[best] < result["trivial_ordering_acc"] else "")
+    return (line + ": far above chance. The puzzle is partly won without anatomy, and training long on it can make "
+            "the encoder worse (RESULTS.md §12)" + advice)

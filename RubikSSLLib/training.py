@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from RubikSSLLib import checkpoint, datasources, rundir, sampling, tasks
+from RubikSSLLib import checkpoint, datasources, rundir, sampling, shortcuts, tasks
 from RubikSSLLib.config import PretrainConfig
 from RubikSSLLib.devices import autocast_dtype
 from RubikSSLLib.errors import BadInput
@@ -153,6 +153,9 @@ class Pretraining(RunLoop):
         self.reporter.log(f"{len(train)} training and {len(validation)} validation volumes")
         self.train_sources, self.train_cases = [s for s, _ in train], [c for _, c in train]
         self.val_sources, self.val_cases = [s for s, _ in validation], [c for _, c in validation]
+        self.shortcut = shortcuts.pretraining_check(config, self.train_cases, config.shortcut_puzzles) if self.is_main else {}
+        if self.shortcut:
+            self.reporter.log(shortcuts.describe(self.shortcut, min(config.puzzle.cube_size)))
         torch.manual_seed(config.seed)
         self.model = channels_last(self.task.build_model().to(self.device))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -230,6 +233,7 @@ class Pretraining(RunLoop):
             },
             "data": {"train": datasources.describe(self.train_sources), "validation": datasources.describe(self.val_sources)},
             "chance": self.task.chance(),
+            **({"puzzle_shortcut": self.shortcut} if self.shortcut else {}),
             "primary_metric": self.task.primary_metric,
             "pretrains_decoder": self.task.has_decoder,
             **({"decoder_prefix": self.task.decoder_prefix()} if self.task.has_decoder else {}),

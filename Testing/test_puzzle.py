@@ -235,3 +235,34 @@ def test_the_shortcut_solver_finds_an_order_written_in_the_cues_and_none_in_nois
     shaped = shortcuts.trivial_ordering_accuracy(task, [case(masks()) for _ in range(100)], puzzles=600)
     assert noise["chance_ordering"] == 0.1
     assert noise["trivial_ordering_acc"] < 0.25 and shaped["trivial_ordering_acc"] > 0.6, (noise, shaped)
+
+
+def test_smaller_cube_sizes_are_multiples_of_four_and_fit_the_encoder() -> None:
+    from RubikSSLLib.shortcuts import smaller_cube_sizes
+
+    assert smaller_cube_sizes(28, 8) == [20, 16]
+    assert smaller_cube_sizes(32, 8) == [24, 16]
+    assert smaller_cube_sizes(12, 4) == [8]
+    assert smaller_cube_sizes(8, 8) == []  # nothing smaller fits a 4-stage encoder
+
+
+def test_pretraining_check_flags_the_adrenal_shortcut_and_finds_cube_sizes_with_fewer_cues(small_adrenal) -> None:
+    """AdrenalMNIST3D (real centred masks) at 28^3 cubes: the trivial solver orders far more puzzles than chance
+    (RESULTS.md §7), and each smaller cube size leaves it less; the line says so and names the size to try."""
+    from RubikSSLLib import datasources, shortcuts, tasks, training
+    from RubikSSLLib.config import PretrainConfig
+    from RubikSSLLib.progress import Reporter
+
+    config = PretrainConfig(data=[str(small_adrenal)], out="unused", spacing_mm=None,
+                            puzzle=puzzle.PuzzleSpec(cube_size=(28, 28, 28), jitter=(2, 2, 2)))
+    shape = tasks.create(config).shape
+    cases = [case for _, case in training.load_cases(datasources.resolve(config.data).train, config, Reporter("none"), shape)]
+    result = shortcuts.pretraining_check(config, cases, puzzles=1500)
+    assert result["trivial_ordering_acc"] > 10 * result["chance_ordering"], result
+    smaller = result["smaller_cubes"]
+    assert list(smaller) == ["20", "16"]
+    assert result["trivial_ordering_acc"] > smaller["20"] > smaller["16"], result
+    line = shortcuts.describe(result, 28)
+    assert "far above chance" in line and line.endswith("try --cube-size 16"), line
+    assert shortcuts.pretraining_check(config, cases, puzzles=0) == {}
+    assert shortcuts.pretraining_check(PretrainConfig(data=["x"], out="y", task="rotation"), cases, 100) == {}

@@ -66,6 +66,8 @@ def test_pretraining_on_real_volumes_learns_the_puzzle(tmp_path: Path) -> None:
     assert card["task"] == "rubik" and len(card["permutations"]) == 100
     assert card["data"]["train"][0]["sha256"] and len(card["data"]["train"][0]["indices"]) == 1188
     assert card["normalisation"]["canonical_orientation"] == "LPS"
+    shortcut = card["puzzle_shortcut"]  # checked before training: these centred masks give the order away
+    assert shortcut["trivial_ordering_acc"] > 10 * shortcut["chance_ordering"] and shortcut["smaller_cubes"], shortcut
     model, _ = training.load_pretrained(tmp_path / "run")
     assert not model.training
 
@@ -80,6 +82,7 @@ def test_json_progress_is_monotone_and_ends_with_done(small_adrenal: Path, tmp_p
     assert [e["step"] for e in events if e["event"] == "metric"] == [6, 12]
     assert events[-1]["event"] == "done" and events[-1]["exit_code"] == 0
     assert any(e["event"] == "artifact" and e["kind"] == "model" for e in events)
+    assert sum("puzzle shortcut check" in e.get("message", "") for e in events if e["event"] == "log") == 1
 
 
 def test_resume_continues_from_the_checkpoint(small_adrenal: Path, tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_pretext_transfer import describe, pretrain, rubikssl  # noqa: E402
 
-from RubikSSLLib import evaluate  # noqa: E402
+from RubikSSLLib import evaluate, statistics  # noqa: E402
 from RubikSSLLib.files import write_json_atomic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,6 +84,17 @@ def finetune(init: str, name: str, fold: int, seed: int, out: Path, args: argpar
         "mean": evaluate.score(run, "val_mean_dice", args.last_epochs)}
 
 
+def fold_interval(scratch: list[dict], pretrained: list[dict], seeds: int, key: str = "mean") -> str:
+    """The paired bootstrap interval of pretrained - scratch over folds (each fold's validation case is one case)
+    and fine-tuning seeds; runs are ordered seed-major, as main() makes them."""
+    def by_seed(runs: list[dict]) -> list[np.ndarray]:
+        return [np.array([r[key] for r in runs[s * len(CASES):(s + 1) * len(CASES)]]) for s in range(seeds)]
+
+    row = statistics.paired_bootstrap(by_seed(scratch), by_seed(pretrained), lambda folds, idx: float(folds[idx].mean()),
+                                      len(CASES))
+    return f"[{row['low']:+.3f}, {row['high']:+.3f}], p {row['p_value']:.2f}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -119,15 +130,23 @@ def main() -> None:
              f"{args.iterations} batches of 2 x {args.patch_size}^3 at {args.spacing:g} mm; foreground Dice, mean of the "
              f"last {args.last_epochs} epochs, mean ± sd over {len(pairs)} runs ({args.seeds} seed{'s' * (args.seeds > 1)} x {len(CASES)} folds); "
              f"pretraining {args.steps} steps x {args.batch_size}",
-             "", "| init | pretext metric (held-out) | " + " | ".join(columns) + " | mean - scratch (paired, runs improved) |",
-             "|---" * (len(columns) + 3) + "|"]
+             "", "| init | pretext metric (held-out) | " + " | ".join(columns) + " | mean - scratch (paired, runs improved) | 95 % interval, p |",
+             "|---" * (len(columns) + 4) + "|"]
     for name, _ in inits:
         cells = [f"{np.mean([s[c] for s in scores[name]]):.3f} ± {np.std([s[c] for s in scores[name]], ddof=1):.3f}"
                  for c in columns]
         difference = [s["mean"] - r["mean"] for s, r in zip(scores[name], scores["scratch"])]
         paired = "–" if name == "scratch" else (f"{np.mean(difference):+.3f} ± {np.std(difference, ddof=1):.3f} "
                                                 f"({sum(d > 0 for d in difference)}/{len(difference)})")
-        lines.append(f"| {name} | {pretext.get(name, '–')} | " + " | ".join(cells) + f" | {paired} |")
+        interval = "–" if name == "scratch" else fold_interval(scores["scratch"], scores[name], args.seeds)
+        lines.append(f"| {name} | {pretext.get(name, '–')} | " + " | ".join(cells) + f" | {paired} | {interval} |")
+    if REGIONS and len(inits) > 1:
+        lines += ["", "Per BraTS region, pretrained - scratch, paired over folds and seeds:", "",
+                  "| init | " + " | ".join(REGIONS) + " |", "|---" * (len(REGIONS) + 1) + "|"]
+        for name, _ in inits[1:]:
+            cells = [f"{np.mean([s[r] - c[r] for s, c in zip(scores[name], scores['scratch'])]):+.3f} "
+                     f"{fold_interval(scores['scratch'], scores[name], args.seeds, r)}" for r in REGIONS]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (runs / "results.json").write_text(json.dumps(scores, indent=1))
     (runs / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
