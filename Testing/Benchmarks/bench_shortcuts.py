@@ -1,12 +1,15 @@
 """How far trivial cues (cube mean, spread, empty share, face means) solve the Rubik's cube puzzle on the shared
 data, against chance: a pretext that is won from such cues says little about the encoder. Prints a table.
 
-    python Testing/Benchmarks/bench_shortcuts.py [--puzzles 3000]
+    python Testing/Benchmarks/bench_shortcuts.py [--puzzles 3000] [--adrenal-cube-sizes 28,20,16]
+
+AdrenalMNIST3D is also checked at each of --adrenal-cube-sizes (jitter 2): smaller cubes leave the cues less.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -29,8 +32,13 @@ DATASETS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--puzzles", type=int, default=3000)
+    parser.add_argument("--adrenal-cube-sizes", default="20,16", help="further AdrenalMNIST3D rows, one per cube size")
     args = parser.parse_args()
     print("| data | cases | trivial ordering accuracy | chance |\n|---|---|---|---|")
+    adrenal_name, adrenal = next(iter(DATASETS.items()))
+    for size in filter(None, args.adrenal_cube_sizes.split(",")):
+        DATASETS[adrenal_name.replace("cube 28", f"cube {size}")] = dict(
+            adrenal, puzzle=dataclasses.replace(adrenal["puzzle"], cube_size=(int(size),) * 3))
     for name, settings in DATASETS.items():
         settings = dict(settings)
         count = settings.pop("cases")
