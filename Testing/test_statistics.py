@@ -62,3 +62,13 @@ def test_the_report_says_what_to_do_when_the_probe_is_no_better_than_random() ->
                              "puzzle_shortcut": {**shortcut, "trivial_ordering_acc": 0.02}})
     assert "better than random ones by +0.062" in better[0] and "Near chance" in better[1]
     assert diagnosis_text({}) == []
+
+
+def test_sign_flip_p_value_is_exact() -> None:
+    # four differences of one sign: only "all +" and "all -" are as extreme, 2 of 16 patterns
+    assert statistics.sign_flip_p_value([-0.03, -0.01, -0.02, -0.05]) == 2 / 16
+    # +1, +1, +1, -1: mean 0.5; patterns with |mean| >= 0.5 are those with 3 or 4 equal signs: 2 + 8 of 16
+    assert statistics.sign_flip_p_value([1, 1, 1, -1]) == 10 / 16
+    assert statistics.sign_flip_p_value([0.0, 0.0]) == 1.0
+    with pytest.raises(ValueError):
+        statistics.sign_flip_p_value([])
