@@ -11,9 +11,15 @@ empty cubes, are the example this was written for.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from RubikSSLLib.linearprobe import fit_logistic
+
+if TYPE_CHECKING:
+    from RubikSSLLib.config import PretrainConfig
+    from RubikSSLLib.sampling import PreparedCase
 
 
 def cube_cues(cubes: np.ndarray) -> np.ndarray:
@@ -57,7 +63,7 @@ def smaller_cube_sizes(cube_size: int, smallest: int) -> list[int]:
     return sorted((size for size in sizes if size < cube_size), reverse=True)
 
 
-def pretraining_check(config, cases: list, puzzles: int) -> dict:
+def pretraining_check(config: PretrainConfig, cases: list[PreparedCase], puzzles: int) -> dict:
     """Before pretraining `config` (a PretrainConfig of a cube-grid task) on `cases` (sampling.PreparedCase):
     the trivial solver's held-out ordering accuracy, and, when it is far above chance, the same at smaller cube
     sizes (the same prepared cases: a smaller crop fits in them). Returns {} for other tasks or puzzles == 0."""
