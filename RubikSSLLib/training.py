@@ -153,15 +153,23 @@ class Pretraining(RunLoop):
         self.reporter.log(f"{len(train)} training and {len(validation)} validation volumes")
         self.train_sources, self.train_cases = [s for s, _ in train], [c for _, c in train]
         self.val_sources, self.val_cases = [s for s, _ in validation], [c for _, c in validation]
-        self.shortcut = shortcuts.pretraining_check(config, self.train_cases, config.shortcut_puzzles) if self.is_main else {}
-        if self.shortcut:
-            self.reporter.log(shortcuts.describe(self.shortcut, min(config.puzzle.cube_size)))
+        self.shortcut = self._shortcut_check() if self.is_main else {}
         torch.manual_seed(config.seed)
         self.model = channels_last(self.task.build_model().to(self.device))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         self.restore()
         self.val_samples = sampling.fixed_samples(self.val_cases, self.task.sample, config.val_puzzles, config.seed)
         self.write_config()
+
+    def _shortcut_check(self) -> dict:
+        """The puzzle shortcut check (shortcuts.py), once per run: a resumed run reads it back from its last card."""
+        last = self.run_dir.file(rundir.LAST_MODEL)
+        if self.resume and last.exists():
+            return checkpoint.read_card(last).get("puzzle_shortcut", {})
+        result = shortcuts.pretraining_check(self.config, self.train_cases, self.config.shortcut_puzzles)
+        if result:
+            self.reporter.log(shortcuts.describe(result, min(self.config.puzzle.cube_size)))
+        return result
 
     def _loader(self) -> Iterator[dict[str, torch.Tensor]]:
         workers = self.config.workers

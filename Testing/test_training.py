@@ -99,6 +99,9 @@ def test_resume_continues_from_the_checkpoint(small_adrenal: Path, tmp_path: Pat
     assert steps[0] > 6 and steps[-1] == 10
     assert load_state(run)["step"] == 10
     assert [json.loads(line)["step"] for line in (run / rundir.METRICS).read_text().splitlines()] == [3, 6, 9, 10]
+    # the shortcut check ran once, before the first step; the resumed run carries its result forward
+    assert "puzzle shortcut check" not in resumed.stdout
+    assert json.loads((run / "model_last.json").read_text())["puzzle_shortcut"]["puzzles"] == 2000
 
 
 @pytest.mark.parametrize("how", ["stop_file", "sigterm"])
