@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -15,11 +13,11 @@ from pathlib import Path
 import RubikSSLLib
 from RubikSSLLib import __version__, stopping
 from RubikSSLLib.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK, BadInput, Cancelled
+from RubikSSLLib.files import real_name, write_refusal
 from RubikSSLLib.progress import MODES, Reporter
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
 STOP_FILE_VARIABLE = "RUBIKSSL_STOP_FILE"  # jobs.STOP_FILE_VARIABLE (not imported: jobs is the panel's side)
-DISK_ERRORS = {errno.ENOSPC, errno.EACCES, errno.EROFS, errno.EDQUOT, errno.EPERM}
 REQUIRED = {"serve": ("model",), "rank": ("model", "data", "out"), "pretrain": ("data", "out"), "puzzle": ("volume", "out"), "finetune": ("task", "train", "val", "out"),
             "segment": ("model", "volume", "out"), "classify": ("model", "volume", "out")}
 
@@ -163,6 +161,9 @@ def finetune_config(values: dict, reporter: Reporter | None = None):
         card = checkpoint.read_card(path)
         try:
             pretrained = settings_from_json(EncoderConfig, card["config"]["encoder"])
+        except BadInput as error:
+            raise BadInput(f"{path}: its model card holds an invalid encoder setting ({str(error).replace('--', '')}); "
+                           "the file is damaged or not RubikSSL's: point --init to a run of rubikssl pretrain") from None
         except (KeyError, TypeError) as error:
             raise BadInput(f"{path}: its model card has no encoder settings ({error}); point --init to a run of "
                            "rubikssl pretrain") from None
@@ -350,34 +351,58 @@ def run_demo(args: argparse.Namespace, reporter: Reporter) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    RubikSSLLib.STARTED_AT = time.time()  # a STOP file older than this command is a stale one
-    args = build_parser().parse_args(argv)
-    reporter = Reporter(args.progress, enabled=os.environ.get("RANK", "0") == "0")  # torchrun: rank 0 speaks
-    if os.environ.get(STOP_FILE_VARIABLE):
-        stopping.watch_stop_file(os.environ[STOP_FILE_VARIABLE])
-    with stopping.cancel_on_signal(), warnings.catch_warnings():
-        warnings.showwarning = lambda message, category, *rest: reporter.log(f"warning: {message}")
-        return run(args, reporter)
+    stopping.begin()
+    RubikSSLLib.STARTED_AT = stopping.launch_time()  # a STOP file older than this command is a stale one
+    with stopping.cancel_on_signal():  # from here on a cancel is recorded, whatever code it interrupts
+        try:
+            args = build_parser().parse_args(argv)
+            stopping.check()  # asked before the command began
+        except Cancelled as error:
+            print(f"rubikssl: cancelled: {error}", file=sys.stderr)
+            return EXIT_CANCELLED
+        reporter = Reporter(args.progress, enabled=os.environ.get("RANK", "0") == "0")  # torchrun: rank 0 speaks
+        watch = stopping.watch_stop_file(os.environ[STOP_FILE_VARIABLE]) if os.environ.get(STOP_FILE_VARIABLE) else None
+        try:
+            with warnings.catch_warnings():
+                warnings.showwarning = lambda message, category, *rest: reporter.log(f"warning: {message}")
+                return run(args, reporter)
+        finally:
+            if watch is not None:
+                watch.stop()
 
 
 def run(args: argparse.Namespace, reporter: Reporter) -> int:
-    """The command's handler, with every way it can end turned into an exit code and at most one error line."""
+    """The command's handler, with every way it can end turned into an exit code and at most one error line.
+    A cancel requested on the way ends as cancelled even if something swallowed its exception."""
     try:
-        return args.handler(args, reporter)
+        code = args.handler(args, reporter)
+        stopping.check()
+        return code
     except BadInput as error:
+        if stopping.requested():  # an input error raised while it was being interrupted
+            return cancelled(reporter, Cancelled(stopping.reason()))
         return fail(reporter, str(error), EXIT_BAD_INPUT)
     except Cancelled as error:
-        print(f"rubikssl: cancelled: {error}", file=sys.stderr)
-        reporter.done("cancelled", EXIT_CANCELLED, message=str(error))
-        return EXIT_CANCELLED
+        return cancelled(reporter, error)
     except OSError as error:
-        if error.errno in DISK_ERRORS:
-            return fail(reporter, f"{error.filename or 'output'}: {error.strerror}; free disk space or choose a writable --out", EXIT_BAD_INPUT)
+        if stopping.requested():
+            return cancelled(reporter, Cancelled(stopping.reason()))
+        refusal = write_refusal(Path(real_name(error.filename)) if error.filename else Path("output"), error)
+        if refusal is not None:
+            return fail(reporter, str(refusal), EXIT_BAD_INPUT)
         traceback.print_exc()
         return fail(reporter, f"internal error: {error}", EXIT_INTERNAL)
     except Exception as error:  # noqa: BLE001 - the last line of defence prints the traceback
+        if stopping.requested():  # a library's error from being interrupted mid-call, not a bug
+            return cancelled(reporter, Cancelled(stopping.reason()))
         traceback.print_exc()
         return fail(reporter, f"internal error: {type(error).__name__}: {error}", EXIT_INTERNAL)
+
+
+def cancelled(reporter: Reporter, error: Cancelled) -> int:
+    print(f"rubikssl: cancelled: {error}", file=sys.stderr)
+    reporter.done("cancelled", EXIT_CANCELLED, message=str(error))
+    return EXIT_CANCELLED
 
 
 def fail(reporter: Reporter, message: str, code: int) -> int:

@@ -175,9 +175,15 @@ def load(source: CaseSource, spacing_mm: float | None = None, canonical: bool = 
     return load_case(list(source.channels), spacing_mm, canonical)
 
 
-@functools.lru_cache(maxsize=None)
 def file_digest(path: str) -> str:
-    """sha256 of a file, or of the sorted file digests of a folder (a DICOM series)."""
+    """sha256 of a file, or of the sorted file digests of a folder (a DICOM series); computed once per version
+    of the file (its size and modification time)."""
+    status = Path(path).stat()
+    return _digest(str(path), status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     target = Path(path)
     digest = hashlib.sha256()
     if target.is_dir():
@@ -204,3 +210,33 @@ def describe(sources: list[CaseSource]) -> list[dict]:
         else:
             entries.append({"case": source.name, "channels": [{"path": c, "sha256": file_digest(c)} for c in source.channels]})
     return entries
+
+
+def recorded_files(entries: list[dict]) -> dict[str, str]:
+    """path -> sha256 of every file a model card's data list names (`describe`'s entries, or {"path", "sha256"})."""
+    files = {}
+    for entry in entries:
+        if "archive" in entry:
+            files[entry["archive"]] = entry["sha256"]
+        elif "channels" in entry:
+            files.update({channel["path"]: channel["sha256"] for channel in entry["channels"]})
+        else:
+            files[entry["path"]] = entry["sha256"]
+    return files
+
+
+def check_unchanged(recorded: dict[str, str], current: set[str], run: str | Path, ignored: set[str] = frozenset()) -> None:
+    """A resume continues on the data its run began with: every file the run recorded is there with the same
+    sha256, and no file joined (`current`: the files the resumed run would read; `ignored`: ones it skipped as
+    unusable). Else one line naming the file and the way out."""
+    for path, digest in recorded.items():
+        if not Path(path).exists():
+            raise BadInput(f"{run}: cannot resume: its data file {path} is gone; put it back, or start a new run")
+        if file_digest(path) != digest:
+            raise BadInput(f"{run}: cannot resume: {path} is not the file the run began with (its sha256 differs); "
+                           "resume only on the run's own data, or start a new run")
+    joined = sorted(current - set(recorded) - set(ignored))
+    if joined:
+        more = f" and {len(joined) - 1} more" if len(joined) > 1 else ""
+        raise BadInput(f"{run}: cannot resume: {joined[0]}{more} joined its data since the run began; resume on the "
+                       "run's own data, or start a new run")

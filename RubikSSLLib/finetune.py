@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from RubikSSLLib import downstream, labeled, models, preprocess, transfer
+from RubikSSLLib import datasources, downstream, labeled, models, preprocess, rundir, transfer
 from RubikSSLLib.config import FinetuneConfig
 from RubikSSLLib.downstream import Case
 from RubikSSLLib.errors import BadInput
@@ -107,6 +107,12 @@ class Finetuning(RunLoop):
         self.reporter.log(f"{len(chosen)} of {len(train_set.cases)} training cases (fraction {config.label_fraction}), "
                           f"{len(val_sources)} validation cases, classes {self.names}")
         self.chosen_names = [c.name for c in chosen]
+        files = sorted({f for case in chosen + val_sources for f in (*case.image.channels, *([case.label] if isinstance(case.label, str) else []))})
+        if self.resume and self.run_dir.file(rundir.TRAINING_STATE).exists():
+            recorded = self.recorded_card().get("data", {}).get("files")
+            if recorded is not None:  # runs from before data hashes were recorded resume unchecked
+                datasources.check_unchanged(datasources.recorded_files(recorded), set(files), self.run_dir.path)
+        self.data_files = [{"path": f, "sha256": datasources.file_digest(f)} for f in files]
         return chosen, val_sources
 
     def _load(self, sources: list[labeled.LabeledSource]) -> list[Case]:
@@ -164,6 +170,7 @@ class Finetuning(RunLoop):
         self.loss = self.task.loss()
         iterations = config.iterations_per_epoch or self.task.default_iterations(len(self.train_cases))
         total, metrics = config.epochs * iterations, {}
+        trained = False  # has this process taken a step (else a cancel has nothing new to keep)
         with StopSignal() as stop:
             batches = self.task.batches(self.train_cases)
             while self.epoch < config.epochs:
@@ -171,11 +178,14 @@ class Finetuning(RunLoop):
                 self._set_trainable(self.epoch < config.freeze_epochs)
                 for iteration in range(iterations):
                     if self.stop_asked(stop):
-                        self.checkpoint({})
-                        self.cancel(f"in epoch {self.epoch + 1} (it restarts on --resume)")
+                        if trained:
+                            self.reporter.stopping(epoch=self.epoch)
+                            self.checkpoint({})
+                        self.cancel(f"in epoch {self.epoch + 1} (it restarts on --resume)", trained=trained)
                     step = self.epoch * iterations + iteration + 1
                     self._set_learning_rate(step, total)
                     loss = self._step(next(batches))
+                    trained = True
                     if step % 5 == 0 or iteration == iterations - 1:
                         self.reporter.progress(step, total, epoch=self.epoch + 1, loss=round(loss, 4))
                 self.position += 1
@@ -227,5 +237,5 @@ class Finetuning(RunLoop):
             "postprocessing": {"largest_component": []},  # label values; `segment --largest-component` overrides
             **self.task.card(),
             "init": {"source": config.init, **self.load_report},
-            "data": {"train": self.chosen_names, "example": first_source},
+            "data": {"train": self.chosen_names, "example": first_source, "files": self.data_files},
         }

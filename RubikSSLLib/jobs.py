@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ from RubikSSLLib.progress import parse_line
 LIBRARY_PARENT = Path(__file__).resolve().parent.parent
 STOP_FILE_VARIABLE = "RUBIKSSL_STOP_FILE"  # commands without a run folder stop when this file appears
 STOP_GRACE_S, TERM_GRACE_S = 30.0, 10.0  # STOP file -> SIGTERM -> kill
+# A worker that has said it is stopping ("stopping" event: it is writing its checkpoint) is not killed for this
+# long: under load a checkpoint can take longer than TERM_GRACE_S, and killing it then loses the step it stopped at.
+SAVING_GRACE_S = 300.0
+LAUNCHED_AT_VARIABLE = "RUBIKSSL_LAUNCHED_AT"  # the worker keeps a STOP file written after this (stopping.launch_time)
 
 
 def command_line(python: str, command: str, options: dict[str, Any]) -> list[str]:
@@ -84,6 +89,7 @@ class JobState:
 
     reported: str = ""  # the status of the worker's own done event, if it sent one
     cancel_requested: bool = False
+    stopping: bool = False  # the worker said it saw the cancel and is saving
 
     def feed(self, line: str) -> dict[str, Any] | None:
         """Take one output line; return its event (None for a plain log line)."""
@@ -104,6 +110,8 @@ class JobState:
             self.log.append(event.get("message", ""))
         elif kind == "error":
             self.error = event.get("message", "")
+        elif kind == "stopping":
+            self.stopping = True
         elif kind == "done":
             self.reported = event.get("status", "ok")
         return event
@@ -136,14 +144,15 @@ class Job:
 
     def __init__(self, args: list[str], run_dir: str | os.PathLike | None = None, env: dict[str, str] | None = None,
                  cwd: str | None = None, stop_grace_s: float = STOP_GRACE_S, term_grace_s: float = TERM_GRACE_S,
-                 requests: bool = False) -> None:
+                 requests: bool = False, saving_grace_s: float = SAVING_GRACE_S) -> None:
         """run_dir: the run folder whose STOP file cancels it (training); without one the job gets a STOP file of
         its own. requests: keep the worker's stdin open for `send` (the `serve` worker); else it reads nothing."""
         self.args = args
         self.run_dir = Path(run_dir) if run_dir else None
         self.state = JobState()
-        self.stop_grace_s, self.term_grace_s = stop_grace_s, term_grace_s
+        self.stop_grace_s, self.term_grace_s, self.saving_grace_s = stop_grace_s, term_grace_s, saving_grace_s
         self._cancel_started: float | None = None
+        self._saving_since: float | None = None
         self._signals_sent: set[str] = set()
         self._lines: queue.Queue[str | None] = queue.Queue()
         env = dict(env or worker_environment())
@@ -155,6 +164,7 @@ class Job:
             self.stop_file = self._own_stop_folder / rundir.STOP
             env[STOP_FILE_VARIABLE] = str(self.stop_file)
         self.stop_file.unlink(missing_ok=True)  # an old request must not stop the new job
+        env[LAUNCHED_AT_VARIABLE] = repr(time.time())  # a cancel from now on is this job's, even during start-up
         self.process = subprocess.Popen(
             args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.PIPE if requests else subprocess.DEVNULL,
             env=env,
@@ -235,15 +245,24 @@ class Job:
             self._signal("term")  # an unwritable folder: the signal is the only way left
         self.poll()
 
-    def shutdown(self, timeout_s: float = 20.0) -> None:
-        """Stop gracefully within a bound (closing Slicer): STOP, SIGTERM, and a kill only at the end."""
+    def shutdown(self, timeout_s: float = 20.0, saving_s: float = 60.0,
+                 report: Callable[[str], None] | None = None) -> None:
+        """Stop gracefully within a bound (closing Slicer): STOP, SIGTERM, and a kill only at the end. A worker
+        that has said it is saving gets `saving_s` more. `report(text)` is told what is awaited, every poll."""
         if not self.running:
             return
         self.stop_grace_s, self.term_grace_s = min(self.stop_grace_s, timeout_s / 2), min(self.term_grace_s, timeout_s / 2)
+        self.saving_grace_s = min(self.saving_grace_s, saving_s)
         self.cancel()
-        deadline = time.monotonic() + timeout_s + 5
-        while self.running and time.monotonic() < deadline:
+        started = time.monotonic()
+        while self.running:
             self.poll()
+            waited = time.monotonic() - started
+            if waited > timeout_s + 5 + (saving_s if self.state.stopping else 0):
+                break
+            if report is not None:
+                report(f"{'saving its checkpoint' if self.state.stopping else 'asked to stop'}, "
+                       f"{waited:.0f} s of at most {timeout_s + (saving_s if self.state.stopping else 0):.0f} s")
             time.sleep(0.05)
         self.kill()
 
@@ -257,7 +276,13 @@ class Job:
                 pass
 
     def _escalate(self) -> None:
-        waited = time.monotonic() - self._cancel_started
+        now = time.monotonic()
+        if self.state.stopping:  # it is saving: wait for it (bounded), do not kill the checkpoint half-way
+            self._saving_since = self._saving_since or now
+            if now - self._saving_since > self.saving_grace_s:
+                self._signal("kill")
+            return
+        waited = now - self._cancel_started
         if waited > self.stop_grace_s:
             self._signal("term")
         if waited > self.stop_grace_s + self.term_grace_s:
@@ -272,7 +297,8 @@ class Job:
         try:
             if sys.platform == "win32":
                 if which == "kill":  # no "term" step: CTRL_BREAK cannot reach a group without a console
-                    subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.process.pid)], capture_output=True)
+                    subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.process.pid)], capture_output=True,
+                                   creationflags=getattr(subprocess, "CREATE_NO_WINDOW", 0))  # no console flash
             else:
                 os.killpg(self.process.pid, signal.SIGTERM if which == "term" else signal.SIGKILL)
         except (ProcessLookupError, PermissionError, OSError):

@@ -1,6 +1,6 @@
 """Progress for people (a terminal bar) and for programs (one JSON object per line behind PREFIX).
 
-Events: progress, metric, artifact, log, done, error. The Slicer panel reads them with `parse_line`.
+Events: progress, metric, artifact, log, stopping, done, error. The Slicer panel reads them with `parse_line`.
 """
 
 from __future__ import annotations
@@ -71,6 +71,11 @@ class Reporter:
         JSON event also carries as "epoch")."""
         self._emit("metric", step=step, **({"epoch": step} if unit == "epoch" else {}), **values)
         self._say(f"{unit} {step}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
+
+    def stopping(self, **where: Any) -> None:
+        """A cancel was seen: the run now saves what it has, then ends (the panel waits for it instead of killing)."""
+        self._emit("stopping", **where)
+        self._say("stopping: saving the checkpoint first")
 
     def artifact(self, path: str, kind: str) -> None:
         self._emit("artifact", path=str(path), kind=kind)

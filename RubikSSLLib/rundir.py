@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import RubikSSLLib
+from RubikSSLLib import stopping
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.files import remove_stale_temp_files, write_json_atomic
 
@@ -79,6 +80,8 @@ class RunDir:
             if created and holds_lock and self.path.is_dir() and not self.file(TRAINING_STATE).exists():
                 self.__exit__()
                 shutil.rmtree(self.path, ignore_errors=True)
+            elif holds_lock and stopping.requested():
+                self.clear_stop()  # honoured: it must not cancel the next resume
             raise
         finally:
             if holds_lock:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from RubikSSLLib import __version__, checkpoint, rundir
+from RubikSSLLib import __version__, checkpoint, rundir, stopping
 from RubikSSLLib.devices import select_device
 from RubikSSLLib.errors import Cancelled
 from RubikSSLLib.progress import Reporter
@@ -92,7 +92,11 @@ class RunLoop:
     def run(self) -> dict[str, float]:
         """Train to the end and return the final metrics, or raise Cancelled after a checkpoint."""
         with self.run_dir.session(self.resume, holds_lock=self.is_main):
-            return self._train()
+            watch = stopping.watch_stop_file(self.run_dir.file(rundir.STOP))  # a STOP while loading stops it too
+            try:
+                return self._train()
+            finally:
+                watch.stop()
 
     def _train(self) -> dict[str, float]:
         raise NotImplementedError
@@ -112,15 +116,25 @@ class RunLoop:
         self.reporter.log(f"resumed {self.run_dir.path} at {self.position_key} {self.position}")
         return True
 
+    def recorded_card(self) -> dict:
+        """The card of the run's last checkpoint (its last model, else its best), {} if it has none."""
+        for name in (rundir.LAST_MODEL, rundir.BEST_MODEL):
+            if self.run_dir.file(name).exists():
+                return checkpoint.read_card(self.run_dir.file(name))
+        return {}
+
     def stop_asked(self, stop: StopSignal) -> bool:
-        """SIGTERM/Ctrl-C (caught by `stop`) or a STOP file in the run folder."""
+        """SIGTERM/Ctrl-C or a STOP file (the process's stop state, `stop`), or a STOP file in the run folder."""
         return stop.received or self.run_dir.stop_requested()
 
-    def cancel(self, where: str = "") -> None:
-        """After the cancel's checkpoint: the STOP request is honoured (removed, so it cannot cancel the resumed
-        run) and the run ends with Cancelled."""
+    def cancel(self, where: str = "", trained: bool = True) -> None:
+        """After the cancel's checkpoint (`trained`), or with nothing to keep (a stop before this process trained a
+        step): the STOP request is honoured (removed, so it cannot cancel the resumed run) and the run ends with
+        Cancelled."""
         if self.is_main:
             self.run_dir.clear_stop()
+        if not trained:
+            raise Cancelled("stopped before the first step; nothing new was written")
         raise Cancelled(f"stopped {where or f'at {self.position_key} {self.position}'}; continue with --resume")
 
     def is_better(self, metrics: dict[str, float]) -> bool:

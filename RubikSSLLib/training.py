@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from RubikSSLLib import checkpoint, datasources, rundir, sampling, shortcuts, tasks
+from RubikSSLLib import checkpoint, datasources, rundir, sampling, shortcuts, stopping, tasks
 from RubikSSLLib.config import PretrainConfig
 from RubikSSLLib.devices import autocast_dtype
 from RubikSSLLib.errors import BadInput
@@ -68,13 +68,14 @@ Loaded = tuple[datasources.CaseSource, sampling.PreparedCase]
 
 
 def load_cases(sources: list[datasources.CaseSource], config: PretrainConfig, reporter: Reporter,
-               shape: sampling.CropShape | None = None) -> list[Loaded]:
+               shape: sampling.CropShape | None = None, skipped: list[str] | None = None) -> list[Loaded]:
     """Load and prepare every case for crops of `shape` (default: the puzzle's). A bad case stops the run, or with
-    skip_unusable is reported and left out."""
+    skip_unusable is reported, left out and its name added to `skipped`."""
     if sources:
         reporter.log(f"loading {len(sources)} volumes")
     cases = []
     for source in sources:
+        stopping.check()  # a cancel while loading many volumes ends here, between two of them
         try:
             volume = datasources.load(source, config.spacing_mm, config.canonical_orientation)
             if volume.array.shape[0] != config.encoder.in_channels:
@@ -87,6 +88,8 @@ def load_cases(sources: list[datasources.CaseSource], config: PretrainConfig, re
             if not config.skip_unusable:
                 raise
             reporter.log(f"skipped: {error}")
+            if skipped is not None:
+                skipped += list(source.channels)
     return cases
 
 
@@ -148,11 +151,16 @@ class Pretraining(RunLoop):
         self.primary_metric, self.higher_is_better = self.task.primary_metric, self.task.higher_is_better
         pools = datasources.resolve(config.data)
         shape = self.task.shape
-        train, validation = split_cases(load_cases(pools.train, config, self.reporter, shape),
-                                        load_cases(pools.validation, config, self.reporter, shape), config, self.reporter)
+        self._check_resumed_data(pools.train + pools.validation)
+        self.skipped: list[str] = []
+        train, validation = split_cases(load_cases(pools.train, config, self.reporter, shape, self.skipped),
+                                        load_cases(pools.validation, config, self.reporter, shape, self.skipped),
+                                        config, self.reporter)
         self.reporter.log(f"{len(train)} training and {len(validation)} validation volumes")
         self.train_sources, self.train_cases = [s for s, _ in train], [c for _, c in train]
         self.val_sources, self.val_cases = [s for s, _ in validation], [c for _, c in validation]
+        self.data_record = {"train": datasources.describe(self.train_sources),
+                            "validation": datasources.describe(self.val_sources), "skipped": self.skipped}
         self.shortcut = self._shortcut_check() if self.is_main else {}
         torch.manual_seed(config.seed)
         self.model = channels_last(self.task.build_model().to(self.device))
@@ -160,6 +168,15 @@ class Pretraining(RunLoop):
         self.restore()
         self.val_samples = sampling.fixed_samples(self.val_cases, self.task.sample, config.val_puzzles, config.seed)
         self.write_config()
+
+    def _check_resumed_data(self, sources: list[datasources.CaseSource]) -> None:
+        """A resume trains on the data its run recorded (sha256 of every file), or says why it cannot."""
+        if not self.resume or not self.run_dir.file(rundir.TRAINING_STATE).exists():
+            return
+        recorded = self.recorded_card().get("data", {})
+        files = datasources.recorded_files(recorded.get("train", []) + recorded.get("validation", []))
+        current = {channel for source in sources for channel in source.channels}
+        datasources.check_unchanged(files, current, self.run_dir.path, set(recorded.get("skipped", [])))
 
     def _shortcut_check(self) -> dict:
         """The puzzle shortcut check (shortcuts.py), once per run: a resumed run reads it back from its last card."""
@@ -195,8 +212,10 @@ class Pretraining(RunLoop):
         with StopSignal() as stop:
             while self.step < config.steps:
                 if self.distributed.any(self.stop_asked(stop)):  # every rank stops at the same step
-                    self._checkpoint(batches, evaluate_now=False)
-                    self.cancel()
+                    if self.step > start_step:
+                        self.reporter.stopping(step=self.step)
+                        self._checkpoint(batches, evaluate_now=False)
+                    self.cancel(trained=self.step > start_step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate_at(self.step, config)
                 batch = move_batch(next(batches), device)
@@ -239,7 +258,7 @@ class Pretraining(RunLoop):
                 "canonical_orientation": "LPS" if self.config.canonical_orientation else None,
                 "cube": "each cube and channel min-max scaled to [-1, 1]; constant cubes -> 0",
             },
-            "data": {"train": datasources.describe(self.train_sources), "validation": datasources.describe(self.val_sources)},
+            "data": self.data_record,
             "chance": self.task.chance(),
             **({"puzzle_shortcut": self.shortcut} if self.shortcut else {}),
             "primary_metric": self.task.primary_metric,
@@ -253,7 +272,7 @@ def load_pretrained(run_or_file: str | Path) -> tuple[nn.Module, dict]:
     path = Path(run_or_file)
     if path.is_dir():
         path = path / rundir.BEST_MODEL
-    state, card = checkpoint.load_model(path)
+    state, card = checkpoint.load_model(path, "rubikssl pretrain")
     if card.get("task") in ("classify", "segment"):
         raise BadInput(f"{path}: is a fine-tuned {card['task']} model; give a pretraining run folder "
                        "(written by rubikssl pretrain)")
