@@ -27,10 +27,11 @@ def _save(path: Path, tensors: dict[str, torch.Tensor], kind: str, payload_key: 
         save_file(tensors, str(tmp), metadata=metadata)
 
 
-def _open(path: Path, kind: str, payload_key: str) -> tuple[dict[str, torch.Tensor], dict]:
+def _open(path: Path, kind: str, payload_key: str, written_by: str = "rubikssl") -> tuple[dict[str, torch.Tensor], dict]:
     """Read a RubikSSL safetensors file of `kind`; anything else is refused with a one-line BadInput."""
     if not path.is_file():
-        raise BadInput(f"{path}: no such checkpoint; point to a run folder written by `rubikssl pretrain`")
+        where = "no such file or folder" if not path.parent.is_dir() or not path.suffix else "no such file"
+        raise BadInput(f"{path}: {where}; point to a run folder written by {written_by}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -70,9 +71,10 @@ def save_model(path: Path, state: dict[str, torch.Tensor], card: dict) -> None:
     write_json_atomic(path.with_suffix(".json"), card)
 
 
-def load_model(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, model card) of a model file written by `save_model`."""
-    return _open(path, "model", "card")
+def load_model(path: Path, written_by: str = "rubikssl") -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, model card) of a model file written by `save_model` (`written_by`: the command that writes
+    such a model, for the message when it is missing)."""
+    return _open(path, "model", "card", written_by)
 
 
 def save_training_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:

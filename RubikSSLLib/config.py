@@ -96,6 +96,9 @@ class JsonConfig:
             raise BadInput(f"{path}: its model card lacks config; give a model written by rubikssl {command}")
         try:
             return cls.from_json(card["config"])
+        except BadInput as error:  # a value no command line gave: say it is the card's
+            raise BadInput(f"{path}: its model card holds an invalid setting ({str(error).replace('--', '')}); the file "
+                           f"is damaged or not RubikSSL's: give a model written by rubikssl {command}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise BadInput(f"{path}: its model card's config is incomplete ({type(error).__name__}: {error}); "
                            f"give a model written by rubikssl {command}") from None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,6 +19,13 @@ from RubikSSLLib.errors import BadInput
 def temp_path_for(path: Path) -> Path:
     """A sibling temp name that keeps the extension (SimpleITK picks the format from it)."""
     return path.with_name(f".tmp{os.getpid()}-{path.name}")
+
+
+def real_name(name: str | os.PathLike) -> str:
+    """The user's file behind one of our temp names (`temp_path_for`), for messages."""
+    path = Path(name)
+    match = re.fullmatch(r"\.tmp\d+-(.+)", path.name)
+    return str(path.with_name(match.group(1))) if match else str(path)
 
 
 @contextmanager
@@ -33,15 +42,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.chmod(tmp, 0o666 & ~_umask())  # some writers create 0600 temp files
         os.replace(tmp, path)
     except BaseException as error:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(error):
-            raise BadInput(f"{path}: could not be written, the disk is full; free disk space or choose another --out") from None
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        refusal = write_refusal(path, error)
+        if refusal is not None:
+            raise refusal from None
         raise
 
 
 # safetensors (SafetensorError) and SimpleITK (RuntimeError) report a full disk in their own exception types.
 DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "file too large")
 DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+NOT_WRITABLE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def write_refusal(path: Path, error: BaseException) -> BadInput | None:
+    """The one line for a write of the user's `path` that failed because of the place (full disk, read-only or
+    forbidden folder), naming that path and not our temp file; None for any other failure."""
+    if is_disk_full(error):
+        return BadInput(f"{path}: could not be written, the disk is full; free disk space or choose another --out")
+    if isinstance(error, OSError) and (error.errno in NOT_WRITABLE_ERRNOS
+                                       or (error.errno == errno.ENOENT and path.parent.is_dir())):
+        # ENOENT in a folder that exists: a file system that creates nothing there (/proc, /sys)
+        return BadInput(f"{path}: cannot be written there ({error.strerror}); choose a writable --out")
+    return None
 
 
 def is_disk_full(error: BaseException) -> bool:
@@ -58,6 +84,8 @@ def make_parent(path: Path) -> None:
         raise BadInput(f"{path}: a part of this path is a file, not a folder; choose another --out") from None
     except OSError as error:
         raise BadInput(f"{path.parent}: cannot be created ({error.strerror}); choose a writable --out") from None
+    if not os.access(path.parent, os.W_OK):  # /proc, a read-only mount, a folder of another user's
+        raise BadInput(f"{path}: its folder {path.parent} is not writable; choose a writable --out")
 
 
 def _blocking_file(path: Path) -> Path | None:
@@ -110,8 +138,9 @@ def atomic_folder(path: str | os.PathLike, last: str) -> Iterator[Path]:
         tmp.rmdir()
     except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(error):
-            raise BadInput(f"{path}: could not be written, the disk is full; free disk space or choose another --out") from None
+        refusal = write_refusal(path, error)
+        if refusal is not None:
+            raise refusal from None
         raise
 
 

@@ -18,7 +18,7 @@ import SimpleITK as sitk
 
 from RubikSSLLib import datasources
 from RubikSSLLib.errors import BadInput
-from RubikSSLLib.volumes import Geometry, Grid, Volume, geometry_of, load_case, read_image, resample_onto
+from RubikSSLLib.volumes import Grid, Volume, geometry_of, labels_onto, load_case, read_header, read_image
 
 
 @dataclass(frozen=True)
@@ -129,16 +129,6 @@ def _nnunet(folder: Path) -> LabeledSet:
     return LabeledSet(cases, names)
 
 
-def _header(path: str) -> tuple[Geometry, tuple[int, ...]] | None:
-    """(geometry, size) of a volume file without reading its voxels; None for a DICOM folder."""
-    if Path(path).is_dir():
-        return None
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.ReadImageInformation()
-    return Geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()), reader.GetSize()
-
-
 def load_label_map(path: str, image_source: str, grid: Grid | None = None,
                    allowed: set[int] | None = None) -> np.ndarray:
     """A label map (Z, Y, X) int64, refused if its grid differs from its image's file, or (with `allowed`) if it
@@ -146,7 +136,7 @@ def load_label_map(path: str, image_source: str, grid: Grid | None = None,
     stray voxels. With `grid` (the image's processed grid: reoriented, resampled) it is put on that grid by
     nearest neighbour, voxel for voxel."""
     label = read_image(path)
-    header = _header(image_source)
+    header = None if Path(image_source).is_dir() else read_header(image_source)  # a DICOM folder: checked on load
     if header is not None and (label.GetSize() != header[1] or not geometry_of(label).matches(header[0])):
         raise BadInput(f"{path}: label map geometry differs from its image {image_source}; resample the labels onto the image grid")
     native = sitk.GetArrayViewFromImage(label)
@@ -158,7 +148,7 @@ def load_label_map(path: str, image_source: str, grid: Grid | None = None,
         if unknown:
             raise BadInput(f"{path}: holds label values {unknown[:5]} outside the classes {sorted(allowed)}; "
                            "fix the label map or declare the classes in the datalist's 'labels'")
-    array = resample_onto(label, grid) if grid is not None else sitk.GetArrayFromImage(label)
+    array = labels_onto(label, grid) if grid is not None else sitk.GetArrayFromImage(label)
     return array.astype(np.int64)
 
 

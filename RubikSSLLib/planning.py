@@ -34,18 +34,10 @@ def case_grid(source: labeled.LabeledSource) -> tuple[np.ndarray, np.ndarray | N
     image = source.image
     if image.npz_key:
         return np.array(datasources.open_npz(image.channels[0])[image.npz_key].shape[1:]), None
-    import SimpleITK as sitk
+    from RubikSSLLib.volumes import read_header
 
-    path = image.channels[0]
-    if Path(path).is_dir():  # a DICOM series: its reader knows the geometry
-        from RubikSSLLib.volumes import read_image
-
-        header = read_image(path)
-        return np.array(header.GetSize()[::-1]), np.array(header.GetSpacing()[::-1])
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(path)
-    reader.ReadImageInformation()
-    return np.array(reader.GetSize()[::-1]), np.array(reader.GetSpacing()[::-1])
+    geometry, size_xyz = read_header(image.channels[0])
+    return np.array(size_xyz[::-1]), np.array(geometry.spacing_xyz[::-1])
 
 
 def planned_spacing(spacings: list[np.ndarray]) -> float:

@@ -22,6 +22,8 @@ import numpy as np
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.options import option, voxel_triple
 
+MAX_CROP_VOXELS = 256**3  # one puzzle's crop (64 MiB per channel as float32); the panel's largest cube is 128
+
 ROTATION_NAMES = ("none", "hor: 180 deg about z", "ver: 180 deg about y")
 # Array axes of one cube (C, Z, Y, X) that each rotation flips.
 ROTATION_FLIP_AXES = {1: (-2, -1), 2: (-3, -1)}
@@ -45,6 +47,12 @@ class PuzzleSpec:
             raise BadInput(f"grid {self.grid} is not supported; use 2 (2x2x2, Rubik's cube) or 3 (3x3x3, jigsaw)")
         if min(self.cube_size) < 4 or min(self.jitter) < 0:
             raise BadInput(f"cube size {self.cube_size} / jitter {self.jitter}: cubes need >= 4 voxels and jitter >= 0")
+        crop = self.crop_size
+        if math.prod(crop) > MAX_CROP_VOXELS:
+            raise BadInput(f"cube size {'x'.join(map(str, self.cube_size))} with jitter {'x'.join(map(str, self.jitter))}: "
+                           f"each puzzle would be cut from a {'x'.join(map(str, crop))} crop ({math.prod(crop) / 1e6:.0f} M "
+                           f"voxels, {math.prod(crop) * 4 / 2**30:.1f} GiB per channel); a crop holds at most "
+                           f"{MAX_CROP_VOXELS / 1e6:.0f} M voxels (256^3): use a smaller --cube-size or --jitter")
         if not 2 <= self.num_permutations <= math.factorial(self.num_cubes):
             raise BadInput(f"{self.num_permutations} permutations: choose 2 .. {math.factorial(min(self.num_cubes, 12))}")
 

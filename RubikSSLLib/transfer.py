@@ -64,7 +64,7 @@ def load_encoder(network: nn.Module, run_or_file: str | Path, stages: int | None
 
     Returns the report and the pretraining model card."""
     path = pretrained_model_file(run_or_file)
-    state, card = checkpoint.load_model(path)
+    state, card = checkpoint.load_model(path, "rubikssl pretrain")
     pretrained = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
     if not pretrained:
         raise BadInput(f"{path}: holds no encoder weights; point --init to a run of `rubikssl pretrain`")
@@ -145,7 +145,7 @@ def load_finetuned_weights(network: nn.Module, run_or_file: str | Path, classes:
     may name anyhow) and the same network, else it is refused with the reason. Returns the model-card report
     ("init") with the model's own class names."""
     path = pretrained_model_file(run_or_file)
-    state, card = checkpoint.load_model(path)
+    state, card = checkpoint.load_model(path, "rubikssl finetune")
     if "classes" not in card or card.get("task") not in ("segment", "classify"):
         raise BadInput(f"{path}: is not a fine-tuned model; --resume-from takes a run of rubikssl finetune")
     theirs = [(c["value"],) if values_only else (c["value"], c["name"]) for c in card["classes"]]

@@ -7,11 +7,19 @@ which is the reverse of the array axes.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import gzip
 import math
 import os
+import re
+import shutil
 import struct
+import sys
+import tempfile
+import warnings
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +27,41 @@ import numpy as np
 import SimpleITK as sitk
 
 from RubikSSLLib.errors import BadInput
-from RubikSSLLib.files import atomic_path
-from RubikSSLLib.geometry import Geometry, Grid  # noqa: F401 - re-exported: volumes are where geometry is used
+from RubikSSLLib.files import atomic_path, real_name
+from RubikSSLLib.geometry import Geometry, Grid, aligned_grid, nearest_onto  # noqa: F401 - re-exported
 
-# ITK prints its warnings (oblique NIfTI, DICOM slice spacing) to stderr itself; our checks say what matters.
+# ITK prints its warnings (oblique NIfTI, DICOM slice spacing) to stderr itself; our checks say what matters, and
+# the warnings it prints all the same (NiftiImageIO's) are routed through our log (itk_output_as_warnings).
 sitk.ProcessObject.SetGlobalWarningDisplay(False)
+ITK_WARNING = re.compile(r"WARNING: In \S+, line \d+\s*(\w+) \(0x[0-9a-f]+\): (.*?)(?=WARNING: In |\Z)", re.S)
+
+
+@contextlib.contextmanager
+def itk_output_as_warnings(name: str | os.PathLike) -> Iterator[None]:
+    """Route what ITK writes to the process's stderr (file descriptor 2, below Python) while reading or writing
+    `name` into Python warnings, which the command line logs ("warning: ITK NiftiImageIO: ... (file)") in order
+    with its own lines instead of after them."""
+    try:
+        stderr_fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (captured in-process): nothing to route
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(stderr_fd)
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), stderr_fd)
+        try:
+            yield
+        finally:
+            os.dup2(saved, stderr_fd)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", errors="replace")
+            for source, message in ITK_WARNING.findall(text):
+                warnings.warn(f"ITK {source}: {' '.join(message.split())} ({name})", stacklevel=3)
+            rest = ITK_WARNING.sub("", text).strip()
+            if rest:
+                warnings.warn(f"ITK: {' '.join(rest.split())} ({name})", stacklevel=3)
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
 CANONICAL_ORIENTATION = "LPS"  # i -> Left, j -> Posterior, k -> Superior: identity direction
@@ -50,7 +88,12 @@ def geometry_of(image: sitk.Image) -> Geometry:
 
 
 def resample_onto(image: sitk.Image, grid: Grid, nearest: bool = True) -> np.ndarray:
-    """`image` resampled onto `grid` (nearest neighbour for label maps, else linear): a (Z, Y, X) array."""
+    """`image` resampled onto `grid` (nearest neighbour, geometry.nearest_index, for label maps; else linear):
+    a (Z, Y, X) array."""
+    if nearest:
+        mapped = nearest_onto(sitk.GetArrayViewFromImage(image), geometry_of(image), grid)
+        if mapped is not None:
+            return mapped
     geometry = grid.geometry
     resampled = sitk.Resample(image, tuple(int(s) for s in grid.size_zyx[::-1]), sitk.Transform(),
                               sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, geometry.origin_xyz,
@@ -94,9 +137,10 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
     if not path.exists():
         raise BadInput(f"{path}: no such file or folder; check the path")
     try:
-        if path.is_dir():
-            return _read_dicom_series(path)
-        image = sitk.ReadImage(str(path))
+        with itk_output_as_warnings(path):
+            if path.is_dir():
+                return _read_dicom_series(path)
+            image = sitk.ReadImage(str(path))
         _check_complete(path)
         return image
     except RuntimeError as error:
@@ -104,6 +148,26 @@ def read_image(path: str | os.PathLike) -> sitk.Image:
         raise BadInput(
             f"{path}: cannot be read as a volume ({reason}); give a NIfTI, NRRD, MHA/MHD file or a DICOM series folder"
         ) from None
+
+
+def read_header(path: str | os.PathLike) -> tuple[Geometry, tuple[int, ...]]:
+    """(geometry, size (x, y, z)) of a volume file from its header alone, or of a DICOM series folder (read)."""
+    path = Path(path)
+    if not path.exists():
+        raise BadInput(f"{path}: no such file or folder; check the path")
+    if path.is_dir():
+        image = read_image(path)
+        return geometry_of(image), tuple(image.GetSize())
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        with itk_output_as_warnings(path):
+            reader.ReadImageInformation()
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1][:160] if str(error).strip() else "unreadable"
+        raise BadInput(f"{path}: cannot be read as a volume ({reason}); give a NIfTI, NRRD, MHA/MHD file or a "
+                       "DICOM series folder") from None
+    return Geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()), tuple(reader.GetSize())
 
 
 NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
@@ -179,7 +243,14 @@ def _read_dicom_series(folder: Path) -> sitk.Image:
     return reader.Execute()
 
 
+MIN_SPACING_MM = 1e-3  # a micrometre: finer is a broken header (ITK's filters refuse it as "suspiciously small")
+
+
 def _check_is_3d(image: sitk.Image, path: str) -> None:
+    spacing = image.GetSpacing()
+    if not all(math.isfinite(v) and v >= MIN_SPACING_MM for v in spacing):
+        raise BadInput(f"{path}: has voxel spacing {'x'.join(f'{v:g}' for v in spacing)} mm in its header; fix the "
+                       "header's spacing (Slicer: Volumes module, Volume Information)")
     size = image.GetSize()
     if image.GetDimension() == 2 or (image.GetDimension() == 3 and min(size) == 1):
         raise BadInput(f"{path}: is a 2D image (size {'x'.join(map(str, size))}); RubikSSL needs 3D volumes")
@@ -209,7 +280,8 @@ def check_resampling(size_xyz: tuple[int, ...], spacing_xyz: tuple[float, ...], 
 
 
 def resample_to_spacing(image: sitk.Image, spacing_mm: float, name: str = "volume") -> sitk.Image:
-    """Linear resampling to isotropic `spacing_mm`, Gaussian-smoothed first along axes that get coarser."""
+    """Linear resampling to isotropic `spacing_mm` on the face-aligned grid (geometry.aligned_grid), Gaussian-
+    smoothed first along axes that get coarser."""
     old = np.array(image.GetSpacing())
     new = np.full(3, float(spacing_mm))
     if np.allclose(old, new, rtol=1e-3):
@@ -219,11 +291,28 @@ def resample_to_spacing(image: sitk.Image, spacing_mm: float, name: str = "volum
     source = sitk.Cast(image, sitk.sitkFloat32)
     if sigma.max() > 0:
         source = sitk.SmoothingRecursiveGaussian(source, [float(s) if s > 0 else 1e-6 for s in sigma])
-    size = [max(1, int(math.floor(n * o / s))) for n, o, s in zip(image.GetSize(), old, new)]
-    return sitk.Resample(
-        source, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), tuple(new), image.GetDirection(), 0.0,
-        sitk.sitkFloat32,
-    )
+    size, grid = aligned_grid(image.GetSize(), geometry_of(image), spacing_mm)
+    return sitk.Resample(source, size, sitk.Transform(), sitk.sitkLinear, grid.origin_xyz, grid.spacing_xyz,
+                         grid.direction, 0.0, sitk.sitkFloat32, True)  # edge voxels extend, no zero slab
+
+
+def labels_onto(label: sitk.Image, grid: Grid) -> np.ndarray:
+    """A label map (a file's) on `grid` (a network's): each grid voxel takes the label that fills most of it
+    (linear interpolation of each label's mask; an even share goes to the higher label value, by a margin that
+    floating-point noise cannot cross). A 2 mm voxel over 2x2x2 voxels of 1 mm takes what it covers, where a
+    nearest neighbour would pick whichever 1 mm neighbour rounding favours: labels shifted by half a voxel."""
+    array = sitk.GetArrayViewFromImage(label)
+    mapped = nearest_onto(np.asarray(array), geometry_of(label), grid)
+    if mapped is not None and np.allclose(label.GetSpacing(), grid.geometry.spacing_xyz, rtol=1e-6):
+        return mapped  # the same voxels, reordered (reorientation only): nothing to interpolate
+    values = np.unique(array)
+    best = np.full(tuple(grid.size_zyx), -1.0, dtype=np.float32)
+    labels = np.zeros(tuple(grid.size_zyx), dtype=array.dtype)
+    for rank, value in enumerate(values):
+        share = resample_onto(sitk.Cast(label == float(value), sitk.sitkFloat32), grid, nearest=False) + rank * 1e-4
+        wins = share > best
+        labels[wins], best[wins] = value, share[wins]
+    return labels
 
 
 def check_voxels(array: np.ndarray, name: str) -> None:
@@ -276,7 +365,23 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, geometry: Geometry,
     `path` is already a temp file of the caller's (atomic_path) and is written directly."""
     image = image_from_array(np.ascontiguousarray(array), geometry)
     if not atomic:
-        sitk.WriteImage(image, str(path), useCompression=compress)
+        _write_image(image, Path(path), compress, array.nbytes)
         return
     with atomic_path(path) as tmp:
-        sitk.WriteImage(image, str(tmp), useCompression=compress)
+        _write_image(image, tmp, compress, array.nbytes)
+
+
+def _write_image(image: sitk.Image, path: Path, compress: bool, nbytes: int) -> None:
+    """SimpleITK's writer, whose failures all read "Exception thrown in SimpleITK ImageFileWriter_Execute": a full
+    disk or an unwritable folder becomes the OSError it is (files.write_refusal names the user's file)."""
+    try:
+        with itk_output_as_warnings(real_name(path)):
+            sitk.WriteImage(image, str(path), useCompression=compress)
+    except RuntimeError as error:
+        folder = path.parent
+        if shutil.disk_usage(folder).free < nbytes + (1 << 20):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
+        if not os.access(folder, os.W_OK):
+            raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path)) from None
+        reason = str(error).strip().splitlines()[-1][:160] if str(error).strip() else "unknown"
+        raise OSError(errno.EIO, f"SimpleITK could not write it ({reason})", str(path)) from None

@@ -7,9 +7,11 @@ mis-shaped in each test's temp folder.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,6 +47,19 @@ def assert_one_line_error(capsys: pytest.CaptureFixture, args: list, *fragments:
     for fragment in fragments:
         assert fragment in lines[-1], lines[-1]
     return lines[-1]
+
+
+@contextlib.contextmanager
+def tmpfs(mount: Path, options: str):
+    """A small (or read-only) file system at `mount` for the test's duration; skipped where none can be mounted."""
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("no tmpfs can be mounted here (needs root and mount permission)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
 
 
 @pytest.fixture(scope="module")
@@ -367,12 +382,7 @@ def test_resume_drops_metrics_past_the_checkpoint_and_repairs_card_copies(small_
 
 
 def test_disk_full_while_writing_a_checkpoint_names_the_file(small_adrenal: Path, tmp_path: Path, capsys) -> None:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("no tmpfs can be mounted here (needs root and mount permission)")
-    try:
+    with tmpfs(tmp_path / "small", "size=300k") as mount:
         out = mount / "run"
         line = assert_one_line_error(capsys, ["pretrain", "--data", small_adrenal, "--out", out, "--steps", "2",
                                               "--eval-every", "1", *TINY_PRETRAIN[:-2], "--widths", "32,64"],
@@ -380,8 +390,6 @@ def test_disk_full_while_writing_a_checkpoint_names_the_file(small_adrenal: Path
         assert str(out) in line
         assert not out.exists() or not (out / rundir.TRAINING_STATE).exists()
         assert not [p for p in mount.rglob(".tmp*")]
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
 
 
 def start_worker(*args: str) -> subprocess.Popen:
@@ -423,3 +431,113 @@ def test_stderr_of_a_failing_command_ends_with_its_error_and_shows_no_itk_warnin
     path.write_bytes(raw[: len(raw) // 2])
     assert_one_line_error(capsys, ["pretrain", "--data", shared("pretrain/HeadMRVolume.mhd"), path,
                                    "--out", tmp_path / "run"], str(path), "truncated")
+
+
+# ---- the last inputs that ended in a traceback, or in a misleading line (issue: a cancel is never lost)
+
+def test_a_datalist_naming_a_missing_image_is_refused_by_the_planner_in_one_line(tmp_path: Path, capsys) -> None:
+    """Met first by the planner (no --spacing/--patch-size, and every classification run): no SimpleITK error."""
+    missing = tmp_path / "gone" / "case1.nii.gz"
+    segment = tmp_path / "segment.json"
+    segment.write_text(json.dumps({"training": [{"image": str(missing), "label": str(shared(STROKE_LABEL))}]}))
+    assert_one_line_error(capsys, ["finetune", "--task", "segment", "--train", segment, "--val", segment,
+                                   "--out", tmp_path / "run"], str(missing), "no such file")
+    classify = tmp_path / "classify.json"
+    classify.write_text(json.dumps({"training": [{"image": str(missing), "label": 1},
+                                                 {"image": str(shared(STROKE_IMAGE)), "label": 0}]}))
+    assert_one_line_error(capsys, ["finetune", "--task", "classify", "--train", classify, "--val", classify,
+                                   "--out", tmp_path / "run2"], str(missing), "no such file")
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("cls")
+    with np.load(shared("cls/adrenalmnist3d_64_trainval.npz")) as archive:
+        np.savez(folder / "labelled.npz", **{f"{split}_{kind}": archive[f"{split}_{kind}"][:12]
+                                              for split in ("train", "val") for kind in ("images", "labels")})
+    out = folder / "run"
+    assert cli.main(["finetune", "--task", "classify", "--train", str(folder / "labelled.npz"), "--val", str(folder / "labelled.npz"),
+                     "--out", str(out), "--progress", "none", "--widths", "8,16", "--batch-size", "2", "--epochs", "1",
+                     "--iterations-per-epoch", "1"]) == 0
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="a /proc file system")
+def test_outputs_where_nothing_can_be_created_are_one_line_naming_the_users_path(classifier: Path, tmp_path: Path,
+                                                                               capsys) -> None:
+    """/proc refuses every new file, even to root: the line names the user's --out, not our temp file."""
+    volume = shared(STROKE_IMAGE)
+    line = assert_one_line_error(capsys, ["puzzle", "--volume", volume, "--out", "/proc/rubikssl_puzzle",
+                                          "--cube-size", "16"], "/proc/rubikssl_puzzle", "cannot be written there")
+    assert ".tmp" not in line
+    with np.load(shared("cls/adrenalmnist3d_64_trainval.npz")) as archive:
+        image = sitk.GetImageFromArray(archive["val_images"][0].astype(np.float32))
+    sitk.WriteImage(image, str(tmp_path / "adrenal.nrrd"))
+    line = assert_one_line_error(capsys, ["classify", "--model", classifier, "--volume", tmp_path / "adrenal.nrrd",
+                                          "--out", "/proc/rubikssl_classes.json"], "/proc/rubikssl_classes.json",
+                                 "cannot be written there")
+    assert ".tmp" not in line
+
+
+def test_a_read_only_output_folder_is_named_and_not_called_a_full_disk(tmp_path: Path, capsys) -> None:
+    with tmpfs(tmp_path / "read-only", "size=1m,ro") as mount:
+        line = assert_one_line_error(capsys, ["puzzle", "--volume", shared(STROKE_IMAGE), "--out", mount / "puzzle",
+                                              "--cube-size", "16"], str(mount / "puzzle"), "not writable")
+        assert ".tmp" not in line and "disk" not in line
+
+
+def test_an_absurd_jitter_is_refused_with_the_crop_it_would_need(tmp_path: Path, capsys) -> None:
+    assert_one_line_error(capsys, ["pretrain", "--data", shared(STROKE_IMAGE), "--out", tmp_path / "run",
+                                   "--jitter", "400"], "864x864x864 crop", "use a smaller --cube-size or --jitter")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_model_card_with_broken_widths_names_the_model_file_not_an_option(segmenter: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    state, card = checkpoint.load_model(segmenter / rundir.BEST_MODEL)
+    card["config"]["encoder"]["widths"] = "abc"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    checkpoint.save_model(broken / rundir.BEST_MODEL, state, card)
+    line = assert_one_line_error(capsys, ["segment", "--model", broken, "--volume", shared(STROKE_IMAGE),
+                                          "--out", tmp_path / "out.seg.nrrd"], str(broken / rundir.BEST_MODEL),
+                                 "model card")
+    assert "--widths" not in line
+
+
+def test_a_missing_model_folder_says_which_command_writes_one(tmp_path: Path, capsys) -> None:
+    for command, out in (("segment", tmp_path / "a.seg.nrrd"), ("classify", tmp_path / "a.json")):
+        line = assert_one_line_error(capsys, [command, "--model", tmp_path / "no model", "--volume", shared(STROKE_IMAGE),
+                                              "--out", out], str(tmp_path / "no model"), "rubikssl finetune")
+        assert "pretrain" not in line
+
+
+def test_a_full_disk_under_every_nrrd_writer_is_the_one_disk_full_line(segmenter: Path, tmp_path: Path) -> None:
+    """SimpleITK's writer says only "Exception thrown in SimpleITK ImageFileWriter_Execute": `puzzle` and `segment`
+    into a nearly full file system end in the same line as the other writers, with nothing left behind."""
+    with tmpfs(tmp_path / "full", "size=64k") as mount:
+        for args in (["puzzle", "--volume", shared(STROKE_IMAGE), "--out", mount / "puzzle", "--cube-size", "16"],
+                     ["segment", "--model", segmenter, "--volume", shared(STROKE_IMAGE), "--out", mount / "s.seg.nrrd"]):
+            filler = mount / "filler"
+            filler.write_bytes(b"\0" * (shutil.disk_usage(mount).free - 2048))  # 2 KiB left: less than any result
+            result = subprocess.run([sys.executable, "-m", "RubikSSLLib", *map(str, args)], capture_output=True,
+                                    text=True, cwd=REPO, timeout=300)
+            last = result.stderr.strip().splitlines()[-1]
+            assert result.returncode == 2 and "the disk is full" in last and str(mount) in last, result.stderr[-800:]
+            assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+            filler.unlink()
+            assert not list(mount.iterdir())
+
+
+def test_what_itk_prints_itself_comes_through_our_log_before_our_error(tmp_path: Path) -> None:
+    """ITK's MetaImage reader writes "MetaImage: Read: Cannot open data file" to the process's stderr by itself
+    (below Python, so capsys cannot see it): it arrives as one of our warning lines, before our error line."""
+    header = tmp_path / "missing_data.mhd"
+    header.write_text("ObjectType = Image\nNDims = 3\nDimSize = 10 10 10\nElementType = MET_FLOAT\n"
+                      "ElementDataFile = missing.raw\n")
+    result = subprocess.run([sys.executable, "-m", "RubikSSLLib", "pretrain", "--data", str(header), "--out",
+                             str(tmp_path / "run")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1].startswith("rubikssl: error: ") and str(header) in lines[-1]
+    assert any(line.startswith("warning: ITK: MetaImage") and str(header) in line for line in lines[:-1]), lines
+    assert not [line for line in lines if line.startswith(("MetaImage", "WARNING"))]
