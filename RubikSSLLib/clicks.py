@@ -21,6 +21,7 @@ import numpy as np
 
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.files import write_json_atomic
+from RubikSSLLib.geometry import nearest_index
 from RubikSSLLib.volumes import Geometry
 
 LPS_FROM_RAS = np.array([-1.0, -1.0, 1.0])  # RAS and LPS differ by the sign of the first two axes
@@ -107,7 +108,7 @@ def from_voxels(voxels_zyx: np.ndarray, includes: list[bool], geometry: Geometry
 
 def voxel_clicks(clicks: list[Click], geometry: Geometry, shape_zyx: tuple[int, ...]) -> list[tuple[tuple[int, int, int], bool]]:
     """The clicks as whole voxels (z, y, x) of the grid with their signs; a click outside the grid is refused."""
-    voxels = np.rint(to_voxels(clicks, geometry)).astype(int)
+    voxels = nearest_index(to_voxels(clicks, geometry))  # the rounding rule labels go back to the file by
     for click, voxel in zip(clicks, voxels):
         if np.any(voxel < 0) or np.any(voxel >= np.asarray(shape_zyx)):
             raise BadInput(f"click at LPS {tuple(round(v, 1) for v in click.position_lps)} mm lies outside the volume; "

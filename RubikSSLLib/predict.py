@@ -22,7 +22,7 @@ def load_finetuned(run_or_file: str | Path, task: str, device: str = "cpu") -> t
     """The best model of a fine-tuning run and its card, on `device`; a model of the other task is refused."""
     path = Path(run_or_file)
     path = path / rundir.BEST_MODEL if path.is_dir() else path
-    state, card = checkpoint.load_model(path)
+    state, card = checkpoint.load_model(path, "rubikssl finetune")
     if card.get("task") != task:
         kind = "a pretraining" if card.get("task") in taskspec.REGISTRY or "puzzle" in card else f"a {card.get('task')!r}"
         raise BadInput(f"{path}: is {kind} model, not a {task!r} model; pick a fine-tuning run of the right task")
@@ -71,12 +71,36 @@ def case_labels(model: torch.nn.Module, card: dict, image: np.ndarray, volume, p
                 roi: tuple[int, ...], cleaned: list[int], overlap: float = 0.25) -> np.ndarray:
     """The card's label values (Z, Y, X) on the input file's own grid for one preprocessed case: an interactive
     model segments the clicked object around `points` (the whole volume without any), any other the whole volume."""
+    labels, _ = network_labels(model, card, image, volume, points, roi, cleaned, overlap)
+    return preprocess.to_native_grid(labels, volume)
+
+
+def region_labels(model: torch.nn.Module, card: dict, image: np.ndarray, volume, points: list[clicks.Click],
+                  roi: tuple[int, ...], cleaned: list[int]) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """Like case_labels, but only the part of the file's grid the model predicted (the region of interest of the
+    clicks; everything without clicks): (labels (Z', Y', X'), start (z, y, x) of that part on the file's grid).
+    Outside it every label is 0. A click's answer is then the size of its region, not of the volume."""
+    labels, region = network_labels(model, card, image, volume, points, roi, cleaned)
+    start, grid = preprocess.native_region(volume, region)
+    placed = volume.geometry.shifted(tuple(s.start for s in region))
+    return preprocess.onto_grid(labels[region], placed, grid), start
+
+
+def network_labels(model: torch.nn.Module, card: dict, image: np.ndarray, volume, points: list[clicks.Click],
+                   roi: tuple[int, ...], cleaned: list[int],
+                   overlap: float = 0.25) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """The card's label values (Z, Y, X) on the model's grid, and the region (array slices) that was predicted:
+    around the clicks for an interactive model given points, else the whole grid."""
+    region = tuple(slice(0, s) for s in image.shape[1:])
     if is_interactive(card):
         voxels = clicks.voxel_clicks(points, volume.geometry, image.shape[1:])
-        indices = interactive.segment(model, image, voxels, roi, model_device(model)).astype(np.uint8)
+        foreground, region = interactive.probabilities(model, image, voxels, roi, model_device(model))
+        indices = np.zeros(image.shape[1:], dtype=np.uint8)
+        indices[region] = foreground > 0.5
     else:
         indices = whole_volume_classes(model, image, roi, overlap)
-    return labels_on_native_grid(indices, volume, card, cleaned)
+    values = np.array([c["value"] for c in card["classes"]])
+    return postprocess.keep_largest_component(values[indices].astype(np.uint16), cleaned), region
 
 
 def whole_volume_classes(model: torch.nn.Module, image: np.ndarray, roi: tuple[int, ...], overlap: float = 0.25) -> np.ndarray:
@@ -85,13 +109,6 @@ def whole_volume_classes(model: torch.nn.Module, image: np.ndarray, roi: tuple[i
         logits = sliding_window_inference(torch.from_numpy(image)[None], roi, 1, model, overlap=overlap, mode="gaussian",
                                           sw_device=model_device(model), device="cpu")
     return np.argmax(logits[0].numpy(), axis=0).astype(np.uint8)  # numpy's is 3x faster than torch's on one thread
-
-
-def labels_on_native_grid(indices: np.ndarray, volume, card: dict, cleaned: list[int]) -> np.ndarray:
-    """Class indices on the model's grid -> the card's label values on the input file's own grid."""
-    values = np.array([c["value"] for c in card["classes"]])
-    labels = postprocess.keep_largest_component(values[indices].astype(np.uint16), cleaned)
-    return preprocess.to_native_grid(labels, volume)
 
 
 def write_results(segmentation_path: Path, labelmap_path: Path, labels_zyx: np.ndarray, geometry: Geometry,

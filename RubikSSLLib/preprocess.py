@@ -14,7 +14,7 @@ from RubikSSLLib import intensity
 from RubikSSLLib.config import settings_from_json
 from RubikSSLLib.errors import BadInput
 from RubikSSLLib.intensity import IntensityRecipe
-from RubikSSLLib.volumes import Grid, Volume, image_from_array, load_case, resample_onto
+from RubikSSLLib.volumes import Geometry, Grid, Volume, image_from_array, load_case, resample_onto
 
 NETWORK_RANGE = (-1.0, 1.0)
 
@@ -55,7 +55,28 @@ def network_input(volumes: list[str], config: dict, channel_names: list[str]) ->
     return to_network_range(volume.array, settings_from_json(IntensityRecipe, config["intensity"])), volume
 
 
+def native_region(volume: Volume, region: tuple[slice, ...]) -> tuple[tuple[int, int, int], Grid]:
+    """The part of the input file's own grid (`volume.native`) whose voxel centres lie inside `region` (array
+    slices of the network grid `volume.geometry`): (its start (z, y, x) on the file's grid, its Grid)."""
+    native: Grid = volume.native
+    faces = [(s.start - 0.5, s.stop - 0.5) for s in region][::-1]  # i, j, k of the region's outer faces
+    corners = np.array([[i, j, k, 1.0] for i in faces[0] for j in faces[1] for k in faces[2]]).T
+    on_file = (np.linalg.inv(native.geometry.ijk_to_lps()) @ volume.geometry.ijk_to_lps() @ corners)[:3]
+    size_ijk = np.array(native.size_zyx[::-1])
+    low = np.clip(np.ceil(on_file.min(axis=1) - 1e-6), 0, size_ijk - 1).astype(int)
+    high = np.clip(np.floor(on_file.max(axis=1) + 1e-6), low, size_ijk - 1).astype(int)
+    start = tuple(int(v) for v in low[::-1])
+    size = tuple(int(v) for v in (high - low + 1)[::-1])
+    return start, Grid(size, native.geometry.shifted(start))
+
+
 def to_native_grid(labels_zyx: np.ndarray, volume: Volume) -> np.ndarray:
     """A label map (Z, Y, X) on the network's grid (`volume.geometry`) put back on the input file's own grid."""
-    native: Grid = volume.native
-    return resample_onto(image_from_array(labels_zyx, volume.geometry), native, nearest=True)
+    return onto_grid(labels_zyx, volume.geometry, volume.native)
+
+
+def onto_grid(labels_zyx: np.ndarray, geometry: Geometry, target: Grid) -> np.ndarray:
+    """A label map (Z, Y, X) placed by `geometry` put on `target` (the file's grid or a part of it), each target voxel
+    taking the label voxel nearest its centre (geometry.nearest_index: the face-aligned network grid puts no file
+    voxel centre half-way between two network voxels)."""
+    return resample_onto(image_from_array(labels_zyx, geometry), target, nearest=True)

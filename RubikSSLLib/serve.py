@@ -8,11 +8,17 @@ panel's interactive mode talks to it through `jobs.Job`). Requests on stdin, one
 
 `volume` (a case's channel files) is read and preprocessed once and kept (the last CACHED_VOLUMES cases);
 `coordinateSystem` (LPS, default, or RAS) is that of the click positions in mm; `roi` (optional) the least
-region size in voxels of the model's grid; `out` a labelmap (.nrrd, .nii.gz, written uncompressed for speed) or a
-.seg.nrrd, in the input's exact geometry. Replies on stdout, one event line each (progress.PREFIX + JSON):
-{"event": "ready"} once, then {"event": "result", "id": 7, "ok": true, "out": ..., "voxels": ..., "seconds": ...}
-or {"event": "result", "id": 7, "ok": false, "error": "..."}; a bad request never ends the worker. It ends with
-exit 0 on end of input or {"command": "quit"}, 3 on SIGTERM / Ctrl-C, and by itself when its parent process dies.
+region size in voxels of the model's grid; `out` is one of
+- a `.npy` file: only the region the model predicted, on the input file's own grid: a (K, J, I) array of label
+  values (numpy's format, read with allow_pickle=False), and the reply says where it sits ("start_kji"); every
+  voxel outside it is 0. What the Slicer panel asks for: a click on a 512x512x300 CT costs the region, not 157 MB;
+- a labelmap (.nrrd, .nii.gz, written uncompressed for speed) or a .seg.nrrd of the whole volume, in the input's
+  exact geometry.
+Replies on stdout, one event line each (progress.PREFIX + JSON): {"event": "ready"} once, then
+{"event": "result", "id": 7, "ok": true, "out": ..., "voxels": ..., "seconds": ...[, "start_kji": [k, j, i],
+"shape_kji": [...]]} or {"event": "result", "id": 7, "ok": false, "error": "..."}; a bad request never ends the
+worker. It ends with exit 0 on end of input or {"command": "quit"}, 3 on SIGTERM / Ctrl-C, and by itself when its
+parent process dies.
 """
 
 from __future__ import annotations
@@ -76,19 +82,29 @@ class Worker:
         image, volume = self.case(volumes)
         roi = tuple(int(v) for v in request.get("roi") or self.card["config"]["patch_size"])
         roi = tuple(max(r, p) for r, p in zip(roi, self.card["config"]["patch_size"]))
-        labels = predict.case_labels(self.model, self.card, image, volume, points, roi,
-                                     postprocess.parse_classes("card", self.card))
+        cleaned = postprocess.parse_classes("card", self.card)
+        placement = {}
+        if out.endswith(".npy"):
+            labels, start = predict.region_labels(self.model, self.card, image, volume, points, roi, cleaned)
+            placement = {"start_kji": list(start), "shape_kji": list(labels.shape)}
+        else:
+            labels = predict.case_labels(self.model, self.card, image, volume, points, roi, cleaned)
         network_s = time.perf_counter() - started
         write_result(Path(out), labels, volume.native.geometry, self.card["classes"])
-        return {"ok": True, "out": out, "clicks": len(points),
+        return {"ok": True, "out": out, "clicks": len(points), **placement,
                 "voxels": {c["name"]: int((labels == c["value"]).sum()) for c in self.card["classes"][1:]},
                 "seconds": round(time.perf_counter() - started, 3), "until_labels_done_s": round(network_s, 3),
                 "model_loads": self.model_loads, "case_loads": self.case_loads}
 
 
 def write_result(out: Path, labels_zyx: np.ndarray, geometry, classes: list[dict]) -> None:
-    """A labelmap (uncompressed: a click's result must be quick to write and to load) or a .seg.nrrd."""
-    if out.name.endswith(".seg.nrrd"):
+    """A region's labels as .npy, a labelmap (uncompressed: a click's result must be quick to write and to load)
+    or a .seg.nrrd."""
+    if out.name.endswith(".npy"):
+        with atomic_path(out) as temporary:
+            with open(temporary, "wb") as handle:
+                np.save(handle, np.ascontiguousarray(labels_zyx), allow_pickle=False)
+    elif out.name.endswith(".seg.nrrd"):
         with atomic_path(out) as temporary:
             predict.write_segmentation(temporary, labels_zyx, geometry, classes)
     else:

@@ -70,11 +70,14 @@ def test_puzzle_writes_viewable_volumes_in_the_source_geometry(tmp_path: Path) -
     scrambled = sitk.ReadImage(str(tmp_path / "scrambled.nrrd"))
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "scrambled_labels.nrrd")))
     assert sitk.GetArrayFromImage(scrambled).shape == crop == labels.shape
-    # the crop sits where it was cut. Resampling keeps the centre of voxel 0; thin axes are padded symmetrically
+    # the crop sits where it was cut. The 2 mm grid starts at the file's first voxel face (its first centre half a
+    # 2 mm voxel inside it, geometry.aligned_grid); thin axes are padded symmetrically
     source_image = sitk.DICOMOrient(sitk.ReadImage(str(source)), "LPS")
-    resampled_xyz = np.floor(np.array(source_image.GetSize()) * np.array(source_image.GetSpacing()) / 2.0)
+    spacing = np.array(source_image.GetSpacing())
+    resampled_xyz = np.floor(np.array(source_image.GetSize()) * spacing / 2.0 + 0.5)
     padding_xyz = np.maximum(np.array(crop[::-1]) - resampled_xyz, 0) // 2
-    expected_origin = np.array(source_image.GetOrigin()) + (np.array(record["crop_start_zyx"][::-1]) - padding_xyz) * 2.0
+    first_centre = np.array(source_image.GetOrigin()) + np.reshape(source_image.GetDirection(), (3, 3)) @ ((2.0 - spacing) / 2)
+    expected_origin = first_centre + (np.array(record["crop_start_zyx"][::-1]) - padding_xyz) * 2.0
     np.testing.assert_allclose(scrambled.GetOrigin(), expected_origin, atol=1e-3)
     assert scrambled.GetSpacing() == (2.0, 2.0, 2.0)
     assert sorted(np.unique(labels)) == list(range(9))

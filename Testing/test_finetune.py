@@ -401,3 +401,68 @@ def test_init_stages_loads_only_the_first_stages_and_reports_the_rest(pretrained
     assert "left random" in report.summary()
     with pytest.raises(BadInput, match="--init-stages 3: this encoder has 2 stages"):
         transfer.load_encoder(models.build("classify", "", encoder_config, 2), pretrained_run, stages=3)
+
+
+def _sphere_case(folder: Path, rotation_deg: float) -> tuple[Path, Path, np.ndarray]:
+    """A real MRI's voxels (1 mm, 60^3 of the stroke T2) with a known lesion (a ball of radius 9.3 mm off any voxel
+    centre), written with the same voxels under a header rotated by `rotation_deg` about z."""
+    image = sitk.ReadImage(str(shared("seg/stroke_t2/T2.nii.gz")))
+    voxels = sitk.GetArrayFromImage(image)[:60, :60, :60].astype(np.float32)
+    z, y, x = np.mgrid[:60, :60, :60]
+    ball = ((z - 29.3) ** 2 + (y - 31.6) ** 2 + (x - 27.2) ** 2 <= 9.3**2).astype(np.uint8)
+    angle = np.deg2rad(rotation_deg)
+    direction = (np.cos(angle), -np.sin(angle), 0.0, np.sin(angle), np.cos(angle), 0.0, 0.0, 0.0, 1.0)
+    paths = []
+    for name, array in (("image.nii.gz", voxels), ("lesion.nii.gz", ball)):
+        written = sitk.GetImageFromArray(array)
+        written.SetSpacing((1.0, 1.0, 1.0))
+        written.SetOrigin((10.3, -5.2, 7.7))
+        written.SetDirection(direction)
+        sitk.WriteImage(written, str(folder / name))
+        paths.append(folder / name)
+    return paths[0], paths[1], ball
+
+
+def test_a_known_object_crosses_a_coarser_model_grid_and_back_without_a_shift(tmp_path: Path, monkeypatch) -> None:
+    """1 mm file -> 2 mm network grid (the label as training resamples it, and as a perfect network answers) ->
+    back to the file: the lesion's centroid stays within 0.1 mm, and a header rotation that leaves the voxels alone
+    changes no voxel of the result (no tie between two network voxels for floating-point noise to break)."""
+    from RubikSSLLib import labeled, predict, preprocess
+    from RubikSSLLib.config import FinetuneConfig
+    from RubikSSLLib.volumes import Grid
+
+    results = {}
+    for rotation in (0.0, 20.0):
+        folder = tmp_path / f"rotated_{rotation:g}"
+        folder.mkdir()
+        image_path, label_path, ball = _sphere_case(folder, rotation)
+        config = FinetuneConfig(task="segment", train=["x"], val=["x"], out="y", spacing_mm=2.0, patch_size=(16, 16, 16))
+        _, volume = preprocess.network_input([str(image_path)], config.to_json(), ["T2"])
+        on_network = labeled.load_label_map(str(label_path), str(image_path), Grid(volume.array.shape[1:], volume.geometry))
+        classes = [{"index": 0, "value": 0, "name": "background", "color": [0, 0, 0]},
+                   {"index": 1, "value": 1, "name": "lesion", "color": [1, 0, 0]}]
+        card = {"task": "segment", "config": {**config.to_json(), "patch_size": list(on_network.shape)},
+                "classes": classes, "channels": ["T2"], "postprocessing": {"largest_component": []}}
+        monkeypatch.setattr(predict, "load_finetuned", lambda *a, card=card, labels=on_network, **k: (OracleModel(labels, 2), card))
+        predict.segment("oracle", [str(image_path)], folder / "ball.seg.nrrd")
+        returned = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "ball.labels.nrrd")))
+        results[rotation] = returned
+        centroid = lambda mask: np.argwhere(mask).mean(axis=0)  # noqa: E731 - voxel units = mm (1 mm grid)
+        shift = np.linalg.norm(centroid(returned == 1) - centroid(ball == 1))
+        assert shift < 0.1, f"rotation {rotation}: the lesion came back {shift:.2f} mm from where it was"
+        assert abs(int((returned == 1).sum()) - int(ball.sum())) < 0.1 * ball.sum()
+    np.testing.assert_array_equal(results[0.0], results[20.0])
+
+
+def test_clicks_and_labels_round_the_same_way_at_a_tie() -> None:
+    """A click exactly half-way between two voxel centres lands on the voxel whose label the file voxel there gets
+    (up, as labels do), not by numpy's half-to-even."""
+    from RubikSSLLib import clicks
+    from RubikSSLLib.volumes import Geometry
+
+    geometry = Geometry((2.0, 2.0, 2.0), (0.0, 0.0, 0.0))
+    half_way = [clicks.Click((1.0, 3.0, 5.0))]  # voxel indices 0.5, 1.5, 2.5 on every axis
+    assert clicks.voxel_clicks(half_way, geometry, (8, 8, 8))[0][0] == (3, 2, 1)  # np.rint gave (2, 2, 0)
+    from RubikSSLLib.geometry import nearest_index
+
+    np.testing.assert_array_equal(nearest_index([0.5 - 1e-12, 1.5 + 1e-12, 2.5]), [1, 2, 3])
