@@ -77,11 +77,27 @@ def write_puzzle(volumes: list[str], out: Path, config: PretrainConfig, table: n
             write_volume(out / OUTPUTS[name], view, geometry)
         labels = puzzle.cube_labelmap(scrambled.starts, spec.cube_size, spec.crop_size, scrambled.permutation + 1)
         write_volume(out / OUTPUTS["scrambled_labels"], labels, geometry)
-        visualize.write_png(out / OUTPUTS["montage"], visualize.montage([v[0] for v in views.values()], first_cube_centre))
+        visualize.write_png(out / OUTPUTS["montage"], puzzle_montage(views, record, first_cube_centre))
         write_json_atomic(out / OUTPUTS["puzzle"], record)
     except PermissionError as error:
         raise BadInput(f"{out}: cannot write the puzzle outputs ({error.strerror}); choose a writable --out") from None
     return record
+
+
+def puzzle_montage(views: dict[str, np.ndarray], record: dict, centre: tuple[int, int, int]) -> np.ndarray:
+    """Original | scrambled | solution under their titles; with a model's answer, each cube outlined in the panel's
+    colour for how the network did on it (in the scrambled column where it sits, in the solution where it was put)."""
+    titles = ["original", "scrambled: network input", "network's solution" if "prediction" in record
+              else "true solution"]
+    boxes: list[list[visualize.Box]] = [[], [], []]
+    if "prediction" in record:
+        prediction, size = record["prediction"], tuple(record["cube_size_zyx"])
+        statuses = visualize.cube_statuses(prediction["cube_placed_correctly"], prediction["cube_oriented_correctly"])
+        starts = [tuple(start) for start in record["cube_starts_zyx"]]
+        for slot, status in enumerate(statuses):
+            boxes[1].append(visualize.Box(starts[slot], size, status))
+            boxes[2].append(visualize.Box(starts[prediction["permutation"][slot]], size, status))
+    return visualize.montage([v[0] for v in views.values()], centre, titles, boxes)
 
 
 TASK_OUTPUTS = {"input": "input.nrrd", "target": "target.nrrd", "weight": "weight.nrrd", "montage": "montage.png",
@@ -113,6 +129,7 @@ def write_task_sample(volumes: list[str], out: Path, config: PretrainConfig, see
     for name, view in views.items():
         write_volume(out / TASK_OUTPUTS[name], view.astype(np.float32), geometry)
     centre = tuple(s // 2 for s in size)
-    visualize.write_png(out / TASK_OUTPUTS["montage"], visualize.montage([views["input"][0], views["target"][0]], centre))
+    visualize.write_png(out / TASK_OUTPUTS["montage"], visualize.montage([views["input"][0], views["target"][0]], centre,
+                                                                         ["network input", "target"]))
     write_json_atomic(out / TASK_OUTPUTS["sample"], record)
     return record

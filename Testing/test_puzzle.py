@@ -266,3 +266,35 @@ def test_pretraining_check_flags_the_adrenal_shortcut_and_finds_cube_sizes_with_
     assert "far above chance" in line and f"20: {smaller['20']:.3f}, 16: {smaller['16']:.3f}" in line, line
     assert shortcuts.pretraining_check(config, cases, puzzles=0) == {}
     assert shortcuts.pretraining_check(PretrainConfig(data=["x"], out="y", task="rotation"), cases, 100) == {}
+
+
+def test_the_puzzle_montage_titles_its_columns_and_colours_each_cube_by_how_the_network_did() -> None:
+    """A newcomer reads the picture alone: the three columns are titled, the rows named, each cube outlined in the
+    panel's colour (green: placed and turned right, orange: placed only, red: wrong place) where it sits in the
+    scrambled grid and where the network put it, with a legend of the colours used."""
+    from RubikSSLLib import puzzleview, visualize
+
+    size, starts = (8, 8, 8), [(z, y, x) for z in (1, 11) for y in (1, 11) for x in (1, 11)]
+    views = {name: np.random.default_rng(0).random((1, 20, 20, 20)).astype(np.float32)
+             for name in ("original", "scrambled", "recovered")}
+    placed = [True, True, False, True, False, True, True, True]
+    oriented = [True, False, True, True, True, True, True, False]
+    record = {"cube_size_zyx": list(size), "cube_starts_zyx": [list(s) for s in starts],
+              "prediction": {"cube_placed_correctly": placed, "cube_oriented_correctly": oriented,
+                             "permutation": [0, 1, 3, 2, 5, 4, 6, 7]}}
+    image = puzzleview.puzzle_montage(views, record, (5, 5, 5))
+    assert image.ndim == 3 and image.shape[2] == 3
+    colour = {name: np.all(image == (np.array(rgb) * 255).astype(np.uint8), axis=-1)
+              for name, rgb in visualize.CUBE_COLOURS.items()}
+    assert all(mask.sum() > 50 for mask in colour.values())
+    grid_left = visualize.LABEL_WIDTH
+    original_column = (slice(visualize.TITLE_HEIGHT, -visualize.LEGEND_HEIGHT), slice(grid_left, grid_left + image.shape[1] // 4))
+    assert not any(mask[original_column].any() for mask in colour.values())  # the original has no cubes to judge
+    title_strip, label_strip = image[:visualize.TITLE_HEIGHT, grid_left:], image[visualize.TITLE_HEIGHT:, :grid_left]
+    assert (title_strip < 128).any() and (label_strip < 128).any()  # text drawn above the columns and beside the rows
+    legend = image[-visualize.LEGEND_HEIGHT:]
+    assert all(np.all(legend == (np.array(rgb) * 255).astype(np.uint8), axis=-1).any() for rgb in visualize.CUBE_COLOURS.values())
+    without_model = puzzleview.puzzle_montage(views, {k: v for k, v in record.items() if k != "prediction"}, (5, 5, 5))
+    assert not any(np.all(without_model == (np.array(rgb) * 255).astype(np.uint8), axis=-1).any()
+                   for rgb in visualize.CUBE_COLOURS.values())
+    assert without_model.shape[0] == image.shape[0] - visualize.LEGEND_HEIGHT  # no legend without colours
