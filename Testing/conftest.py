@@ -56,3 +56,22 @@ def rubikssl(*args: str, timeout: float = 600, in_process: bool = True, **kwargs
 # Fast settings for runs in tests: small cubes and encoder, few steps.
 TINY_RUN = ["--cube-size", "12", "--jitter", "2", "--spacing", "native", "--widths", "8,16,32",
             "--batch-size", "4", "--val-puzzles", "8", "--progress", "json", "--intensity", "none"]
+
+
+@pytest.fixture()
+def slicer_standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """Slicer's own libraries (slicer-core) with the stand-ins of slicerstandin.py for what they lack (Qt, slicer.app,
+    the scripted-module base), and the module's own package importable: a fresh real scene per test."""
+    import slicerstandin
+
+    standin = slicerstandin.install(monkeypatch, tmp_path / "slicer-temp")
+    monkeypatch.syspath_prepend(str(REPO / "RubikSSL"))
+    _forget_module()
+    yield standin
+    standin.close()
+    _forget_module()
+
+
+def _forget_module() -> None:
+    for name in [n for n in sys.modules if n == "RubikSSL" or n.startswith("RubikSSLModuleLib")]:
+        sys.modules.pop(name)

@@ -368,8 +368,13 @@ def test_click_session_orders_points_for_undo_and_forgets_removed_ones() -> None
     assert session.undo_target() == "exclude"
     request = session.request()
     assert request["coordinateSystem"] == "RAS" and [c["include"] for c in request["clicks"]] == [True, False]
-    session.clear()
-    assert session.undo_target() is None and not session.dirty
+    assert request["out"].endswith(".npy")
+    session.clear("Segment_2")
+    assert session.undo_target() is None and not session.dirty and session.target == "Segment_2"
+    session.set_points([(1, 2, 3)], [])
+    session.set_points([], [])  # the last point removed: an empty segment, with no request
+    [cleared] = session.poll()
+    assert cleared.cleared and cleared.target == "Segment_2" and session.settled
 
 
 @pytest.mark.slow
@@ -388,7 +393,7 @@ def test_click_session_coalesces_fast_clicks_into_one_request_at_a_time(interact
     session.set_points([inside], [])  # placed before the worker is ready: sent once it is
     results, deadline = [], time.monotonic() + 120
     while not results:
-        results += filter(None, [session.poll()])
+        results += session.poll()
         assert time.monotonic() < deadline and job.running, job.state.log[-3:]
         if session.busy and session.sent == 1:
             moved = tuple(v + 2.0 for v in inside)  # three quick changes while the first request runs
@@ -396,7 +401,9 @@ def test_click_session_coalesces_fast_clicks_into_one_request_at_a_time(interact
             session.set_points([inside, moved], [(0.0, 0.0, 0.0)])
             session.set_points([inside], [(0.0, 0.0, 0.0)])
         time.sleep(0.02)
-    assert results[0].path is not None and sitk.GetArrayFromImage(sitk.ReadImage(str(results[0].path)))[point] == 1
+    region = np.load(results[0].path, allow_pickle=False)  # only the predicted region, placed on the input grid
+    assert results[0].target == "" and region.size < truth.size
+    assert region[tuple(np.array(point) - results[0].start_kji)] == 1
     while session.busy or session.dirty:
         session.poll()
         assert time.monotonic() < deadline

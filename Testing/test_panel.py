@@ -1,5 +1,6 @@
-"""The Slicer panel's behaviour outside Slicer: the job state machine (every transition, scene close, application
-close, a killed launcher), the node <-> file helpers, the dependency install, and the markups -> clicks path."""
+"""What the Slicer panel decides, in plain Python: the job state machine (every transition, scene close, application
+close, a killed launcher, an install), the file-name helpers and the dependency install. What it does to MRML runs
+on Slicer's own libraries in test_slicer_core.py."""
 
 from __future__ import annotations
 
@@ -10,15 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import SimpleITK as sitk
 
-from conftest import REPO, shared
+from conftest import REPO
 
 sys.path.insert(0, str(REPO / "RubikSSL"))
 
-from RubikSSLLib import clicks, clicksession, slicergeometry  # noqa: E402
 from RubikSSLLib.jobs import JobState  # noqa: E402
-from RubikSSLLib.volumes import geometry_of  # noqa: E402
 from RubikSSLModuleLib import install, jobcontrol, nodeio  # noqa: E402
 
 TEXTS = {"pretrain": "Start pretraining", "run": "Run", "scramble": "Scramble"}
@@ -49,8 +47,10 @@ class FakeJob:
         self.cancelled += 1
         self.state.cancel_requested = True
 
-    def shutdown(self, timeout_s: float) -> None:
+    def shutdown(self, timeout_s: float, saving_s: float = 60.0, report=None) -> None:
         self.shut_down += 1
+        if report is not None:
+            report("saving its checkpoint, 3 s of at most 80 s")
         self.finish(-15)
         self.poll()
 
@@ -141,34 +141,30 @@ def test_scene_close_leaves_training_running_and_the_next_jobs_log_starts_at_its
     assert control.new_log_lines() == ["first line of the second job"]
 
 
-def test_closing_slicer_stops_the_job_gracefully_and_a_second_start_is_refused_while_busy() -> None:
+def test_closing_slicer_stops_the_job_gracefully_says_what_it_waits_for_and_refuses_a_second_start() -> None:
     control, job = started()
     with pytest.raises(RuntimeError):
         control.start("run", FakeJob(), needs_scene=True)
-    control.application_closing()
+    said = []
+    control.application_closing(report=said.append)
     assert job.shut_down == 1 and control.state == jobcontrol.IDLE  # shutdown: STOP, then escalate; never a kill first
+    assert said == ["Stopping the pretraining: saving its checkpoint, 3 s of at most 80 s"]
+
+
+def test_while_an_install_runs_no_job_and_no_second_install_can_start() -> None:
+    control = jobcontrol.JobControl(dict(TEXTS))
+    assert control.begin_install() and not control.begin_install()  # one at a time
+    assert control.view().busy and not any(control.button_enabled(key, ready=True) for key in TEXTS)
+    assert control.press("pretrain") == "ignore"
+    with pytest.raises(RuntimeError):
+        control.start("pretrain", FakeJob(), needs_scene=False)
+    control.end_install("Installed.")
+    assert control.button_enabled("pretrain", ready=True) and control.view().status == "Installed."
+    control, job = started()
+    assert not control.begin_install()  # nor during a job
 
 
 # --- nodes and files
-
-def test_every_segment_is_exported_in_order_hidden_ones_too() -> None:
-    class Segmentation:
-        segments = [("Segment_1", "tumour", True), ("Segment_7", "oedema", False), ("Segment_3", "cyst", True)]
-
-        def GetNumberOfSegments(self):
-            return len(self.segments)
-
-        def GetNthSegmentID(self, index):
-            return self.segments[index][0]
-
-        def GetSegment(self, segment_id):
-            name = next(n for i, n, _ in self.segments if i == segment_id)
-            return types.SimpleNamespace(GetName=lambda: name)
-
-    ids, names = nodeio.segments_in_order(Segmentation())
-    assert ids == ["Segment_1", "Segment_7", "Segment_3"]
-    assert names == {"1": "tumour", "2": "oedema", "3": "cyst"}  # the hidden oedema keeps its place
-
 
 def test_work_folders_are_reused_and_emptied_and_file_names_are_fixed(tmp_path: Path) -> None:
     first = nodeio.work_folder(tmp_path, "inference")
@@ -180,31 +176,27 @@ def test_work_folders_are_reused_and_emptied_and_file_names_are_fixed(tmp_path: 
     assert nodeio.pretraining_volume(3) == "volume_003.nrrd" and nodeio.SEGMENTATION_RESULT == "result.seg.nrrd"
 
 
-def test_accepted_cases_gather_into_one_datalist(tmp_path: Path) -> None:
-    for node_id, image in (("vtkMRMLScalarVolumeNode3", "a.nrrd"), ("vtkMRMLScalarVolumeNode7", "b.nrrd")):
-        folder = tmp_path / nodeio.accepted_case(node_id)
-        folder.mkdir()
-        case = {"image": image, "label": "label.nrrd"}
-        (folder / nodeio.DATALIST).write_text(json.dumps({"training": [case], "validation": [case]}))
+def test_accepted_cases_gather_into_one_datalist_under_stable_unique_names(tmp_path: Path) -> None:
+    voxels = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    matrix = np.diag([-1.0, -1.0, 2.0, 1.0])
+    name = nodeio.case_name("3: T1 / axial", nodeio.volume_digest(voxels, matrix))
+    assert name.startswith("3_T1_axial-") and len(name) == len("3_T1_axial-") + 12
+    assert name == nodeio.case_name("3: T1 / axial", nodeio.volume_digest(voxels.copy(), matrix))  # stable
+    assert name != nodeio.case_name("3: T1 / axial", nodeio.volume_digest(voxels + 1, matrix))  # another patient
+    for case, image in (("a-0", "a.nrrd"), ("b-1", "b.nrrd")):
+        folder = tmp_path / nodeio.ACCEPTED_CASES / case
+        folder.mkdir(parents=True)
+        entry = {"image": image, "label": "label.nrrd"}
+        (folder / nodeio.DATALIST).write_text(json.dumps({"training": [entry], "validation": [entry]}))
     datalist = json.loads(nodeio.write_accepted_datalist(tmp_path).read_text())
     assert [c["image"] for c in datalist["training"]] == ["a.nrrd", "b.nrrd"] == [c["image"] for c in datalist["validation"]]
-    assert nodeio.accepted_case("vtkMRMLScalarVolumeNode3") == "case_vtkMRMLScalarVolumeNode3"
-
-
-def test_the_first_volume_offered_is_not_a_labelmap() -> None:
-    class Node:
-        def __init__(self, labelmap: bool) -> None:
-            self.labelmap = labelmap
-
-        def IsA(self, name):
-            return name == "vtkMRMLLabelMapVolumeNode" and self.labelmap
-
-    nodes = [Node(True), Node(False)]
-    scene = types.SimpleNamespace(GetNumberOfNodesByClass=lambda cls: len(nodes),
-                                  GetNthNodeByClass=lambda index, cls: nodes[index])
-    assert nodeio.first_scalar_volume(scene) is nodes[1]
-    nodes.pop()
-    assert nodeio.first_scalar_volume(scene) is None
+    nodeio.remove_accepted_case(tmp_path, "a-0")
+    assert [p.name for p in nodeio.accepted_cases(tmp_path)] == ["b-1"]
+    with pytest.raises(ValueError):
+        nodeio.remove_accepted_case(tmp_path, "../b-1")
+    assert nodeio.next_round(tmp_path).name == "round_001"
+    (tmp_path / nodeio.INTERACTIVE_ROUNDS / "round_007").mkdir(parents=True)
+    assert nodeio.next_round(tmp_path).name == "round_008"
 
 
 # --- dependencies
@@ -222,40 +214,33 @@ def test_packages_are_installed_with_the_installed_torch_pinned(tmp_path: Path, 
     assert Path(args[-1]).read_text() == "torch==2.5.1+cu121\n"
     packaging = types.ModuleType("slicer.packaging")  # Slicer 5.12: pip_ensure takes the constraint
     packaging.load_requirements = lambda path: ["parsed", path]
-    packaging.pip_ensure = lambda requirements, constraints=None, requester=None: calls.append(("pip_ensure", constraints, requester))
+    packaging.pip_ensure = lambda requirements, constraints=None, prompt_install=True, requester=None: calls.append(
+        ("pip_ensure", constraints, prompt_install))
     monkeypatch.setitem(sys.modules, "slicer.packaging", packaging)
     fake.packaging = packaging
     install.install(install.REQUIREMENTS, ">=2.3", tmp_path)
     assert calls[-1][0] == "pip_ensure" and Path(calls[-1][1]).read_text() == "torch==2.5.1+cu121\n"
+    assert calls[-1][2] is False  # the panel asked once: pip_ensure does not ask again
 
 
-# --- markups -> clicks, on a real oblique volume
+def test_a_missing_torch_is_installed_without_a_second_question(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    asked = []
+    fake = types.ModuleType("slicer")
+    fake.util = types.SimpleNamespace(pip_install=lambda args: None)
+    utils = types.ModuleType("PyTorchUtils")
+    utils.PyTorchUtilsLogic = lambda: types.SimpleNamespace(
+        installTorch=lambda askConfirmation, torchVersionRequirement: asked.append((askConfirmation, torchVersionRequirement)) or "torch")
+    monkeypatch.setitem(sys.modules, "slicer", fake)
+    monkeypatch.setitem(sys.modules, "slicer.packaging", None)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", utils)
+    versions = iter([{"torch": None}, {"torch": "2.9.0"}])
+    monkeypatch.setattr(install, "installed_versions", lambda names: next(versions))
+    install.install(install.REQUIREMENTS, ">=2.3", tmp_path)
+    assert asked == [(False, ">=2.3")]
 
-def test_markups_points_become_the_workers_voxels_on_a_real_oblique_volume() -> None:
-    image = sitk.ReadImage(str(shared("pretrain/msl_patient20_study2_FLAIR.nii.gz")))
-    geometry = geometry_of(image)
-    ijk_to_ras = slicergeometry.ijk_to_ras_from_geometry(geometry)
-    voxels_ijk = np.array([[100.0, 120.0, 20.0], [3.0, 7.0, 1.0]])
-    ras = (ijk_to_ras @ np.c_[voxels_ijk, np.ones(2)].T)[:3].T
 
-    class PointList:  # what vtkMRMLMarkupsFiducialNode offers; the third point is still being placed
-        statuses = [clicksession.POSITION_DEFINED, clicksession.POSITION_DEFINED, 1]
-        positions = [*ras, [0.0, 0.0, 0.0]]
-
-        def GetNumberOfControlPoints(self):
-            return 3
-
-        def GetNthControlPointPositionStatus(self, index):
-            return self.statuses[index]
-
-        def GetNthControlPointPositionWorld(self, index, out):
-            out[:] = self.positions[index]
-
-    points = clicksession.defined_points(PointList())
-    assert len(points) == 2
-    session = clicksession.ClickSession(types.SimpleNamespace(send=lambda r: False, poll=lambda: []), ["v.nii"], Path("."))
-    session.set_points(points[:1], points[1:])
-    request = json.loads(json.dumps(session.request()))  # as the worker reads it
-    parsed = clicks.parse({"coordinateSystem": request["coordinateSystem"], "clicks": request["clicks"]}, "request")
-    np.testing.assert_allclose(clicks.to_voxels(parsed, geometry), voxels_ijk[:, ::-1], atol=1e-6)
-    assert [c.include for c in parsed] == [True, False]
+def test_an_older_torch_from_another_extension_is_named_with_what_to_do() -> None:
+    assert install.torch_too_old("2.1.2+cu118", ">=2.3").startswith("PyTorch 2.1.2+cu118 is installed but RubikSSL needs torch>=2.3")
+    assert "uninstall PyTorch" in install.torch_too_old("1.13.0", ">=2.3")
+    assert install.torch_too_old("2.3.0", ">=2.3") == install.torch_too_old("2.10.1+cpu", ">=2.3") == ""
+    assert install.torch_too_old(None, ">=2.3") == ""  # missing is another problem: installed on request

@@ -321,6 +321,7 @@ def test_every_command_the_logic_builds_is_accepted_by_the_cli(slicer_module, tm
         (tmp_path / "ft" / "model.json").write_text(json.dumps({"task": task}))
         logic.startInference(params)
     params.interactiveModel = str(tmp_path / "ft")
+    params.acceptedFolder = str(tmp_path / "accepted")
     logic.startContinuedFinetuning(params)
     logic.startRanking(params, volumes=[object()])
     assert [c for c, _ in started] == ["pretrain", "pretrain", "finetune", "puzzle", "puzzle", "segment", "classify",
@@ -333,10 +334,11 @@ def test_every_command_the_logic_builds_is_accepted_by_the_cli(slicer_module, tm
             assert dicom_name not in str(value) and ":" not in Path(str(value)).name
     resumed, fresh = started[0][1], started[1][1]
     assert resumed["data"] == ["/the/first/start/volume_000.nrrd"] and resumed["resume"] is True  # nothing rewritten
-    assert fresh["data"] == [str(tmp_path), str(tmp_path / "pretrain" / "volume_000.nrrd"),
-                             str(tmp_path / "pretrain" / "volume_001.nrrd")]
+    assert fresh["data"] == [str(tmp_path), str(tmp_path / "pre" / "inputs" / "volume_000.nrrd"),
+                             str(tmp_path / "pre" / "inputs" / "volume_001.nrrd")]  # the run owns its inputs
     assert started[5][1]["out"] == str(tmp_path / "inference" / "result.seg.nrrd") and started[5][1]["device"] == "cpu"
     assert slicer_module.RubikSSLParameterNode.pretrainRun == "" and not logic_module.isSet("") and logic_module.isSet(str(tmp_path))
+    assert not logic_module.isSet(' " " ') and logic_module.isSet('"C:\\my runs\\a"')
 
 
 def test_the_interactive_workers_command_is_accepted_by_the_cli(slicer_module) -> None:

@@ -36,6 +36,23 @@ def installed_versions(names: list[str]) -> dict[str, str | None]:
     return versions
 
 
+def version_tuple(version: str) -> tuple[int, ...]:
+    """(2, 3, 1) of "2.3.1+cu121"; the numeric release part only."""
+    release = re.match(r"\d+(\.\d+)*", version or "")
+    return tuple(int(part) for part in release.group(0).split(".")) if release else ()
+
+
+def torch_too_old(installed: str | None, requirement: str) -> str:
+    """What to do when the installed torch is below the floor (`requirement`, ">=X.Y"), "" when it is not. An
+    install cannot fix it: it pins the installed torch (another extension's may be older), so say how to replace it."""
+    floor = version_tuple(requirement.lstrip(">="))
+    if installed is None or version_tuple(installed) >= floor:
+        return ""
+    return (f"PyTorch {installed} is installed but RubikSSL needs torch{requirement}: open the PyTorch Utils module, "
+            "uninstall PyTorch, restart Slicer, then press Install missing packages here (another extension may have "
+            "installed the older one).")
+
+
 def torch_constraint(folder: Path, torch_version: str) -> Path:
     """A pip constraints file that keeps the installed torch (its local build tag, e.g. +cu128, included)."""
     path = Path(folder) / "torch-constraint.txt"
@@ -50,7 +67,8 @@ def pip_arguments(requirements_path: Path, constraint: Path) -> list[str]:
 
 def install(requirements_path: Path, torch_requirement: str, folder: Path) -> None:
     """Install torch through PyTorch Utils if it is missing, then the rest with torch pinned (Slicer 5.12's
-    slicer.packaging.pip_ensure takes the constraint; 5.10's pip_install gets it as `-c`)."""
+    slicer.packaging.pip_ensure takes the constraint; 5.10's pip_install gets it as `-c`). The panel has asked
+    the user once; PyTorch Utils and pip_ensure are told not to ask again."""
     import slicer
 
     if installed_versions(["torch"])["torch"] is None:
@@ -58,7 +76,7 @@ def install(requirements_path: Path, torch_requirement: str, folder: Path) -> No
             import PyTorchUtils
         except ImportError:
             raise RuntimeError("Install the PyTorch extension from the Extensions Manager, restart Slicer, then try again.") from None
-        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=torch_requirement) is None:
+        if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=False, torchVersionRequirement=torch_requirement) is None:
             raise RuntimeError("PyTorch was not installed.")
     constraint = torch_constraint(folder, installed_versions(["torch"])["torch"])
     try:
@@ -67,6 +85,6 @@ def install(requirements_path: Path, torch_requirement: str, folder: Path) -> No
         packaging = None
     if packaging is not None and hasattr(packaging, "pip_ensure"):
         packaging.pip_ensure(packaging.load_requirements(str(requirements_path)), constraints=str(constraint),
-                             requester="RubikSSL")
+                             prompt_install=False, requester="RubikSSL")
     else:
         slicer.util.pip_install(pip_arguments(requirements_path, constraint))

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 IDLE, RUNNING, CANCELLING, FINISHED = "idle", "running", "cancelling", "finished"
+JOB_NAMES = {"scramble": "puzzle", "solve": "puzzle", "pretrain": "pretraining", "resumePretrain": "pretraining",
+             "finetune": "fine-tuning", "resumeFinetune": "fine-tuning", "continueFinetune": "fine-tuning",
+             "run": "inference", "rank": "ranking"}
 PROGRESS_HIDDEN, PROGRESS_BUSY = None, -1
 
 
@@ -50,18 +53,31 @@ class JobControl:
     progress: int | None = PROGRESS_HIDDEN
     shown_lines: int = 0
     error_to_show: str = ""
+    installing: bool = False  # an install runs (it pumps GUI events): no job, and no second install, may start
 
     # ---- user actions
     def start(self, key: str, job: Any, needs_scene: bool, on_finished: Callable[[Any], str] | None = None) -> None:
         """A job started by the button `key`. needs_scene: its result loads into the scene (inference, puzzles)."""
-        if self.state != IDLE:
-            raise RuntimeError("a RubikSSL job is already running; cancel it first")
+        if self.state != IDLE or self.installing:
+            raise RuntimeError("a RubikSSL job or install is already running; wait for it or cancel it first")
         self.state, self.job, self.active = RUNNING, job, key
         self.needs_scene, self.on_finished = needs_scene, on_finished
         self.progress, self.shown_lines, self.status, self.error_to_show = PROGRESS_BUSY, 0, "", ""
 
+    def begin_install(self) -> bool:
+        """An install may start (True) when nothing runs; from then on every job button is disabled."""
+        if self.installing or self.state != IDLE:
+            return False
+        self.installing, self.status = True, "Installing the dependencies (see the progress dialog)..."
+        return True
+
+    def end_install(self, status: str = "") -> None:
+        self.installing, self.status = False, status
+
     def press(self, key: str) -> str:
         """The user pressed a job button: 'start' (idle), 'cancel' (its own job runs) or 'ignore'."""
+        if self.installing:
+            return "ignore"
         if self.state == IDLE:
             return "start"
         if key == self.active and self.state == RUNNING:
@@ -83,10 +99,12 @@ class JobControl:
             self.cancel()
             self.status = "The scene was closed: the job is cancelled and its result will not be loaded."
 
-    def application_closing(self, timeout_s: float = 20.0) -> None:
-        """Slicer closes: stop gracefully (STOP, then escalate), never a bare kill first."""
+    def application_closing(self, timeout_s: float = 20.0, report: Callable[[str], None] | None = None) -> None:
+        """Slicer closes: stop gracefully (STOP, then escalate), never a bare kill first; a worker that is saving
+        its checkpoint gets a minute more. `report(text)` is told what is awaited while it waits."""
         if self.job is not None and self.job.running:
-            self.job.shutdown(timeout_s)
+            what = JOB_NAMES.get(self.active or "", "RubikSSL job")
+            self.job.shutdown(timeout_s, report=(lambda text: report(f"Stopping the {what}: {text}")) if report else None)
         self.reset()
 
     # ---- the timer
@@ -147,7 +165,8 @@ class JobControl:
         text = ""
         if self.active is not None:
             text = "Cancelling..." if self.state == CANCELLING else "Cancel"
-        return PanelView(self.state, self.active, text, self.progress, self.status, self.state in (RUNNING, CANCELLING))
+        return PanelView(self.state, self.active, text, self.progress, self.status,
+                         self.state in (RUNNING, CANCELLING) or self.installing)
 
     def button_text(self, key: str) -> str:
         view = self.view()
@@ -155,6 +174,8 @@ class JobControl:
 
     def button_enabled(self, key: str, ready: bool) -> bool:
         """A button may be pressed when its inputs are ready and nothing runs, or to cancel its own running job."""
+        if self.installing:
+            return False
         if self.state == IDLE:
             return ready
         return key == self.active and self.state == RUNNING

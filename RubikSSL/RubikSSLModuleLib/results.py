@@ -1,12 +1,23 @@
 """The files a worker wrote -> scene nodes: a segmentation with its named, coloured segments, class probabilities as
 a table, a scrambled puzzle with its cubes and the network's answer, a pretext task's input and target, and the
-interactive worker's labelmap into one segment. Results are placed beside their input in the subject hierarchy."""
+interactive worker's region into one segment. Results are placed beside their input in the subject hierarchy.
+
+Files are read by the module logics' own readers (what Slicer's IO manager calls for a .seg.nrrd or a volume:
+vtkSlicerSegmentationsModuleLogic.LoadSegmentationFromFile, vtkSlicerVolumesLogic.AddArchetypeVolume). They are
+read from a work folder that the next job of that kind empties, so each loaded node is marked modified since read:
+Save writes it anew instead of pointing the scene at a file that will be gone.
+"""
 
 import json
 from pathlib import Path
 
 import slicer
 from slicer.i18n import tr as _
+
+from RubikSSLLib import visualize
+
+SINGLE_FILE = 4  # vtkSlicerVolumesLogic loading option: read this file only, not a numbered series beside it
+LABEL_MAP = 1
 
 
 def placeUnder(node, inputNode) -> None:
@@ -16,16 +27,34 @@ def placeUnder(node, inputNode) -> None:
     shNode.SetItemParent(shNode.GetItemByDataNode(node), parent)
 
 
+def readSegmentation(path: Path, name: str):
+    node = slicer.modules.segmentations.logic().LoadSegmentationFromFile(str(path), True, name)
+    if node is None:
+        raise RuntimeError(_("Could not read the segmentation {path}.").format(path=path))
+    node.StorableModified()
+    return node
+
+
+def readVolume(path: Path, name: str, labelmap: bool = False):
+    node = slicer.modules.volumes.logic().AddArchetypeVolume(str(path), name, SINGLE_FILE | (LABEL_MAP if labelmap else 0))
+    if node is None:
+        raise RuntimeError(_("Could not read the volume {path}.").format(path=path))
+    node.StorableModified()
+    return node
+
+
+def segmentNames(segmentationNode) -> list:
+    segmentation = segmentationNode.GetSegmentation()
+    return [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+
+
 def loadSegmentation(path: Path, inputNode) -> str:
-    segmentationNode = slicer.util.loadSegmentation(str(path))
-    segmentationNode.SetName(slicer.mrmlScene.GenerateUniqueName(f"{inputNode.GetName()} RubikSSL"))
+    segmentationNode = readSegmentation(path, slicer.mrmlScene.GenerateUniqueName(f"{inputNode.GetName()} RubikSSL"))
     segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(inputNode)  # also references the input
     segmentationNode.CreateClosedSurfaceRepresentation()
     placeUnder(segmentationNode, inputNode)
     slicer.util.setSliceViewerLayers(background=inputNode)
-    names = [segmentationNode.GetSegmentation().GetNthSegment(i).GetName()
-             for i in range(segmentationNode.GetSegmentation().GetNumberOfSegments())]
-    return _("Segmentation loaded: {names}. Edit it in the Segment Editor.").format(names=", ".join(names))
+    return _("Segmentation loaded: {names}. Edit it in the Segment Editor.").format(names=", ".join(segmentNames(segmentationNode)))
 
 
 def loadClassification(path: Path, inputNode) -> str:
@@ -40,22 +69,26 @@ def loadClassification(path: Path, inputNode) -> str:
         table.SetCellText(row, 1, f"{value:.4f}")
         table.SetCellText(row, 2, "yes" if name == result["predicted"] else "")
     placeUnder(table, inputNode)
-    slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
-    slicer.app.applicationLogic().PropagateTableSelection()
+    showTable(table)
     return _("Predicted class: {name}").format(name=result["predicted"])
+
+
+def showTable(table) -> None:
+    applicationLogic = slicer.app.applicationLogic()
+    applicationLogic.GetSelectionNode().SetActiveTableID(table.GetID())
+    applicationLogic.PropagateTableSelection()
 
 
 def loadPuzzle(folder: Path, inputNode) -> str:
     """The scrambled volume, one segment per cube, and a table of the permutation (and the model's answer)."""
     puzzle = json.loads((folder / "puzzle.json").read_text(encoding="utf-8"))
     name = inputNode.GetName()
-    scrambled = slicer.util.loadVolume(str(folder / "scrambled.nrrd"), {"name": f"{name} scrambled"})
-    cubes = slicer.util.loadSegmentation(str(folder / "scrambled_labels.nrrd"))
-    cubes.SetName(f"{name} cubes")
+    scrambled = readVolume(folder / "scrambled.nrrd", f"{name} scrambled")
+    cubes = readSegmentation(folder / "scrambled_labels.nrrd", f"{name} cubes")
     nameCubes(cubes, puzzle)
     nodes = [scrambled, cubes, puzzleTable(puzzle, f"{name} puzzle")]
     if "prediction" in puzzle:
-        nodes.append(slicer.util.loadVolume(str(folder / "recovered.nrrd"), {"name": f"{name} solved"}))
+        nodes.append(readVolume(folder / "recovered.nrrd", f"{name} solved"))
     for node in nodes:
         placeUnder(node, inputNode)
     slicer.util.setSliceViewerLayers(background=nodes[-1] if "prediction" in puzzle else scrambled)
@@ -72,8 +105,8 @@ def loadTaskSample(folder: Path, inputNode) -> str:
     """A pretext task's network input and target (rotation, rpl, exemplar, cpc, restorations), beside the input."""
     sample = json.loads((folder / "sample.json").read_text(encoding="utf-8"))
     name = f"{inputNode.GetName()} {sample['task']}"
-    shown = slicer.util.loadVolume(str(folder / "input.nrrd"), {"name": f"{name} input"})
-    target = slicer.util.loadVolume(str(folder / "target.nrrd"), {"name": f"{name} target"})
+    shown = readVolume(folder / "input.nrrd", f"{name} input")
+    target = readVolume(folder / "target.nrrd", f"{name} target")
     for node in (shown, target):
         placeUnder(node, inputNode)
     slicer.util.setSliceViewerLayers(background=shown, foreground=target, foregroundOpacity=0.0)
@@ -81,9 +114,12 @@ def loadTaskSample(folder: Path, inputNode) -> str:
         task=sample["task"])
 
 
+CUBE_COLOURS = visualize.CUBE_COLOURS  # the montage's colours (RubikSSLLib.visualize): one legend for both
+
+
 def nameCubes(cubes, puzzle: dict) -> None:
     """Segment of label L = original cube L - 1. With a model's answer: green if the network placed and oriented
-    that cube correctly, orange if only placed, red otherwise."""
+    that cube correctly, orange if only placed, red otherwise (the montage's colours: RubikSSLLib.visualize)."""
     segmentation = cubes.GetSegmentation()
     for index in range(segmentation.GetNumberOfSegments()):  # imported in label order: label index + 1
         segment = segmentation.GetNthSegment(index)
@@ -92,7 +128,7 @@ def nameCubes(cubes, puzzle: dict) -> None:
             slot = puzzle["permutation"].index(index)
             placed = puzzle["prediction"]["cube_placed_correctly"][slot]
             oriented = puzzle["prediction"]["cube_oriented_correctly"][slot]
-            segment.SetColor(*((0.2, 0.8, 0.2) if placed and oriented else (1.0, 0.6, 0.0) if placed else (0.9, 0.1, 0.1)))
+            segment.SetColor(*CUBE_COLOURS[visualize.cube_statuses([placed], [oriented])[0]])
 
 
 def puzzleTable(puzzle: dict, name: str):
@@ -110,20 +146,38 @@ def puzzleTable(puzzle: dict, name: str):
     return table
 
 
-def loadIntoSegment(labelmapPath: Path, segmentationNode, segmentId: str, inputNode) -> int:
-    """Replace segment `segmentId` with the foreground of a labelmap file on `inputNode`'s grid (the interactive
-    worker's result). Returns the number of segment voxels. The temporary labelmap node is removed."""
+def regionImage(mask_kji, start_kji, inputNode):
+    """A vtkOrientedImageData holding `mask_kji` (uint8, 0/1) at voxel `start_kji` of `inputNode`'s grid."""
+    import numpy as np
     import vtk
+    from vtk.util import numpy_support
 
-    labelmapNode = slicer.util.loadLabelVolume(str(labelmapPath), {"show": False, "name": "RubikSSL click result"})
-    try:
-        segmentIds = vtk.vtkStringArray()
-        segmentIds.InsertNextValue(segmentId)
-        if not slicer.modules.segmentations.logic().ImportLabelmapToSegmentationNode(labelmapNode, segmentationNode, segmentIds):
-            raise RuntimeError(_("Could not import the result into the segment."))
-        return int((slicer.util.arrayFromVolume(labelmapNode) > 0).sum())
-    finally:
-        slicer.mrmlScene.RemoveNode(labelmapNode)
+    depth, rows, columns = mask_kji.shape
+    k, j, i = (int(v) for v in start_kji)
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(i, i + columns - 1, j, j + rows - 1, k, k + depth - 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.ascontiguousarray(mask_kji, dtype=np.uint8).ravel()
+    ijkToRAS = vtk.vtkMatrix4x4()
+    inputNode.GetIJKToRASMatrix(ijkToRAS)
+    image.SetImageToWorldMatrix(ijkToRAS)
+    return image
+
+
+def updateSegmentFromRegion(segmentationNode, segmentId: str, inputNode, mask_kji, start_kji) -> int:
+    """Replace segment `segmentId` in memory with the foreground of a region of `inputNode`'s grid (the interactive
+    worker's answer): nothing is written to disk or read back, and no node is created. Empty `mask_kji`: the
+    segment is emptied. Returns the segment's voxel count."""
+    import numpy as np
+
+    mask = np.asarray(mask_kji) > 0
+    if not mask.any():
+        mask, start_kji = np.zeros((1, 1, 1), bool), (0, 0, 0)
+    image = regionImage(mask, start_kji, inputNode)
+    replace = slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE
+    if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(image, segmentationNode, segmentId, replace):
+        raise RuntimeError(_("Could not update the segment."))
+    return int(mask.sum())
 
 
 def loadRanking(path: Path) -> str:
@@ -137,6 +191,5 @@ def loadRanking(path: Path) -> str:
         values = [rank, row["case"], f"{row['uncertainty']:.4f}" if row["found"] else _("nothing found"), row["foreground_voxels"]]
         for column, value in enumerate(values):
             table.SetCellText(index, column, str(value))
-    slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
-    slicer.app.applicationLogic().PropagateTableSelection()
+    showTable(table)
     return _("Ranked {count} cases: correct {first} first.").format(count=len(ranking), first=ranking[0]["case"] if ranking else "-")
