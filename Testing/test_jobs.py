@@ -250,3 +250,18 @@ def test_crop_to_ras_box_keeps_voxels_in_place(tmp_path: Path) -> None:
     assert np.all(ijk > -1) and np.all(ijk < np.array(cropped.shape[::-1]))
     with pytest.raises(BadInput, match="ROI"):
         crop_to_ras_box(array_kji, ijk_to_ras, (1e4, 1e4 + 1, 1e4, 1e4 + 1, 1e4, 1e4 + 1))
+
+
+def test_the_windows_kill_opens_no_console_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """taskkill is a console program: started from Slicer (a GUI program) without CREATE_NO_WINDOW it flashes one."""
+    from RubikSSLLib import jobs
+
+    calls = []
+    job = Job.__new__(Job)
+    job._signals_sent, job.process = set(), type("Process", (), {"pid": 4242})()
+    monkeypatch.setattr(jobs.sys, "platform", "win32")
+    monkeypatch.setattr(jobs.subprocess, "CREATE_NO_WINDOW", 0x08000000, raising=False)
+    monkeypatch.setattr(jobs.subprocess, "run", lambda args, **kwargs: calls.append((args, kwargs)))
+    job._signal("kill")
+    (args, kwargs), = calls
+    assert args == ["taskkill", "/T", "/F", "/PID", "4242"] and kwargs["creationflags"] == 0x08000000

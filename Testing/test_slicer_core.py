@@ -25,9 +25,9 @@ OBLIQUE_FLAIR = "pretrain/msl_patient20_study2_FLAIR.nii.gz"  # 0.9 x 0.9 x 3 mm
 
 def load_volume(path: Path, name: str = "volume", labelmap: bool = False):
     """A file into the scene with Slicer's volume reader (vtkSlicerVolumesLogic, what File > Add Data runs)."""
-    from RubikSSLModuleLib import results
+    import slicer
 
-    return results.readVolume(path, name, labelmap)
+    return slicer.modules.volumes.logic().AddArchetypeVolume(str(path), name, 4 | (1 if labelmap else 0))
 
 
 def ijk_to_ras(node) -> np.ndarray:
@@ -329,13 +329,13 @@ def test_a_space_typed_into_a_path_field_stays_and_quotes_are_dropped_where_the_
                                                                                              tmp_path) -> None:
     """ctkPathLineEdit emits currentPathChanged per keystroke: the text is stored as typed, never rewritten while
     typing; the logic uses it without surrounding spaces and without Explorer's "Copy as path" quotes."""
-    from RubikSSLModuleLib.parameters import cleanPath
-
     widget = panel(slicer_standin)
     field = widget.ui.pretrainRunPathLineEdit
     typed = str(tmp_path / "my runs") + " "
     field.type(typed)
     assert field.currentPath == typed and widget._parameterNode.pretrainRun == typed
+    from RubikSSLModuleLib.parameters import cleanPath
+
     assert cleanPath(typed) == str(tmp_path / "my runs")
     assert cleanPath(f'"{tmp_path / "my runs" / "a"}"') == str(tmp_path / "my runs" / "a")
     assert cleanPath("  ") == "" and cleanPath("'a b'") == "a b"
