@@ -788,3 +788,31 @@ def test_a_scene_close_stops_the_interactive_worker_and_keeps_training(slicer_st
     widget.logic.control.start("pretrain", job, needs_scene=False)
     slicer.mrmlScene.Clear()
     assert widget.interactive is None and not session_panel.running and job.running and job.cancelled == 0
+
+
+def test_the_screenshot_script_renders_the_cube_grid_in_slicers_slice_view(tmp_path) -> None:
+    """Screenshots/make_screenshots.py on a scrambled puzzle: Slicer's slice logic and segmentation displayable
+    manager draw it offscreen, each cube outlined in its segment's colour over the scrambled volume."""
+    from conftest import rubikssl, shared as data
+
+    import slicerstandin
+
+    slicerstandin.import_slicer_core()
+    pytest.importorskip("trame_slicer", reason="trame-slicer (the test extra) renders Slicer's slice views")
+    sys.path.insert(0, str(REPO / "Screenshots"))
+    import make_screenshots
+
+    out = tmp_path / "puzzle"
+    assert rubikssl("puzzle", "--volume", str(data(STROKE)), "--out", str(out), "--cube-size", "16",
+                    "--progress", "none").returncode == 0
+    record = json.loads((out / "puzzle.json").read_text())
+    record["prediction"] = {"cube_placed_correctly": [True, False] * 4, "cube_oriented_correctly": [True] * 8,
+                            "permutation": record["permutation"], "order_correct": False}
+    (out / "puzzle.json").write_text(json.dumps(record))
+    image = make_screenshots.puzzle_picture(out)
+    view = image[24:-22, : image.shape[1] // 2]  # the scrambled cubes' slice view
+    green, red = (np.array(c) * 255 for c in (make_screenshots.visualize.CUBE_COLOURS["correct"],
+                                               make_screenshots.visualize.CUBE_COLOURS["wrong"]))
+    near = lambda colour: (np.abs(view.astype(int) - colour).max(axis=-1) < 40).sum()  # noqa: E731
+    assert near(green) > 200 and near(red) > 200  # outlines of both kinds drawn
+    assert view.std() > 20  # the volume under them
