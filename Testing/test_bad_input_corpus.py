@@ -412,8 +412,9 @@ def test_sigterm_and_stop_during_start_up_end_as_cancelled(small_adrenal: Path, 
         stdout, stderr = worker.communicate(timeout=120)
         assert worker.returncode == 3, stderr
         assert "Traceback" not in stderr and "cancelled" in stderr.splitlines()[-1]
-        if out.exists():  # a cancel from the loop's first check writes a step-0 checkpoint, never half of one
-            assert checkpoint.load_model(out / rundir.BEST_MODEL)
+        if out.exists():  # a cancel before the first step keeps nothing new: no checkpoint, never half of one
+            assert not (out / rundir.TRAINING_STATE).exists() and not (out / rundir.BEST_MODEL).exists()
+            assert not (out / rundir.STOP).exists()  # honoured: it cannot cancel the next start
     result = tmp_path / "cancelled.seg.nrrd"
     worker = start_worker("segment", "--model", segmenter, "--volume", shared(STROKE_IMAGE), "--out", result)
     time.sleep(0.5)
