@@ -8,16 +8,18 @@ cd "$(dirname "$0")"
 VENV=${RUBIKSSL_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
-setup() {
+setup() {  # setup EXTRAS: the project and its optional extras (none for the demo; the test lane's for the tests)
     if [ ! -x "$VENV/bin/python" ]; then
         "$PYTHON" -m venv "$VENV"
     fi
-    local stamp="$VENV/.rubikssl-installed"
+    local stamp="$VENV/.rubikssl-installed-${1:-base}"
     if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
         "$VENV/bin/python" -m pip install --quiet --upgrade pip
-        # The CPU wheel first, so that the unpinned torch>=2.1 of the project is already satisfied.
+        # The CPU wheel first, so that the unpinned torch>=2.3 of the project is already satisfied.
         "$VENV/bin/python" -c "import torch" 2>/dev/null || "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-        "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+        # ...and kept: an extra's dependency (nnU-Net's timm -> torchvision) must not swap it for another build.
+        "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__)" > "$VENV/torch-constraint.txt"
+        "$VENV/bin/python" -m pip install --quiet -e ".${1:+[$1]}" -c "$VENV/torch-constraint.txt"
         touch "$stamp"
     fi
 }
@@ -26,6 +28,6 @@ command=${1:-}
 shift || true
 case "$command" in
     demo) setup; exec "$VENV/bin/rubikssl" demo "$@" ;;
-    test) setup; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    test) setup "test,nnunet"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
     *) echo "usage: bash run.sh demo|test [arguments]" >&2; exit 2 ;;
 esac

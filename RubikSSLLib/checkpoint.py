@@ -21,10 +21,31 @@ FORMAT_VERSION = 1
 
 
 def _save(path: Path, tensors: dict[str, torch.Tensor], kind: str, payload_key: str, payload: dict) -> None:
+    tensors, aliases = _without_aliases(tensors)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind, payload_key: json.dumps(payload)}
+    if aliases:
+        metadata[ALIASES] = json.dumps(aliases)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+
+
+ALIASES = "aliases"  # names under which a module is registered twice (nnU-Net's conv blocks: `conv` and `all_modules.0`)
+
+
+def _without_aliases(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Each tensor once (safetensors refuses shared memory), and alias -> kept name for the others."""
+    kept: dict[tuple, str] = {}
+    unique, aliases = {}, {}
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in kept:
+            aliases[name] = kept[key]
+        else:
+            kept[key] = name
+            unique[name] = tensor
+    return {name: unique[name] for name in tensors if name in unique}, aliases
 
 
 def _open(path: Path, kind: str, payload_key: str, written_by: str = "rubikssl") -> tuple[dict[str, torch.Tensor], dict]:
@@ -40,6 +61,8 @@ def _open(path: Path, kind: str, payload_key: str, written_by: str = "rubikssl")
             if metadata.get("kind") != kind:
                 raise BadInput(f"{path}: holds a RubikSSL {metadata.get('kind')!r}, not a {kind!r}; pick the right file")
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        for alias, name in json.loads(metadata.get(ALIASES, "{}")).items():
+            tensors[alias] = tensors[name]
         return tensors, json.loads(metadata[payload_key])
     except (SafetensorError, OSError, ValueError, KeyError) as error:
         raise BadInput(f"{path}: corrupt or not a safetensors checkpoint ({str(error)[:120]}); restore it or start a new run") from None

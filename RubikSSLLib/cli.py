@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("rank", "rank unlabelled volumes by the model's uncertainty: which case to correct first", run_rank,
             config.RankConfig)
 
+    export = commands.add_parser("export-nnunet", help="an nnU-Net pretraining's weights as nnUNetv2_train "
+                                 "-pretrained_weights loads them")
+    export.add_argument("run", help="a run folder (or model file) of rubikssl pretrain --network nnunet")
+    export.add_argument("--out", required=True, help="the checkpoint to write, e.g. pretrained.pth")
+    export.add_argument("--progress", choices=MODES, default="bar", help="bar (people), json (programs), none")
+    export.set_defaults(handler=run_export_nnunet)
+
     probe = commands.add_parser("probe", help="print versions and devices as JSON")
     probe.set_defaults(handler=run_probe, progress="none")
 
@@ -95,10 +102,48 @@ def run_pretrain(args: argparse.Namespace, reporter: Reporter) -> int:
     if args.resume and (Path(args.out) / rundir.CONFIG).exists():
         config = resumed(PretrainConfig, args.out, values, ("steps", "device", "workers"))
     else:
-        values.setdefault("encoder", {})["in_channels"] = len(datasources.resolve(values["data"]).train[0].channels)
+        channels = len(datasources.resolve(values["data"]).train[0].channels)
+        values.setdefault("encoder", {})["in_channels"] = channels
+        if values.get("network") == "nnunet":
+            values.update(nnunet_settings(values, channels))
         config = PretrainConfig.from_values(values)
     metrics = training.Pretraining(config, reporter, resume=args.resume).run()
     reporter.done("ok", EXIT_OK, **metrics)
+    return EXIT_OK
+
+
+def nnunet_settings(values: dict, channels: int) -> dict:
+    """--network nnunet: the plan the run keeps (the plans and their dataset.json), nnU-Net's own normalisation
+    instead of an intensity recipe, refused in one line where the data cannot feed the plan's network."""
+    from RubikSSLLib import nnunet
+
+    nnunet.require()
+    if not values.get("plans"):
+        raise BadInput("--network nnunet needs --plans nnUNetPlans.json (nnU-Net's planning writes it into "
+                       "nnUNet_preprocessed/DatasetXXX_Name/)")
+    if "intensity" in values:
+        raise BadInput("--intensity: nnU-Net's network reads what its plans' normalisation gives; leave --intensity out")
+    record = nnunet.read_plans(values["plans"], values.get("configuration", "3d_fullres"))
+    plan = nnunet.plan_of(record)
+    if plan.input_channels != channels:
+        raise BadInput(f"--data: {channels} channel file(s) per case, but the plan's dataset has {plan.input_channels} "
+                       f"channels ({', '.join(plan.dataset.get('channel_names', {}).values())}); give a datalist whose "
+                       "cases list every channel, in the plan's order")
+    return {"nnunet": record, "intensity": {"kind": "preprocessed"}}
+
+
+def run_export_nnunet(args: argparse.Namespace, reporter: Reporter) -> int:
+    from RubikSSLLib import checkpoint, nnunet, transfer
+
+    path = transfer.pretrained_model_file(args.run)
+    state, card = checkpoint.load_model(path, "rubikssl pretrain --network nnunet")
+    summary = nnunet.export(state, card, args.out)
+    reporter.artifact(summary["out"], "nnunet_weights")
+    reporter.log(f"wrote {summary['out']}: {summary['pretrained']} tensors pretrained, {summary['nnunet_init']} "
+                 f"nnU-Net's fresh initialisation (not pretrained), {summary['segmentation_layers']} segmentation layers "
+                 f"(nnU-Net does not load them); fine-tune with nnUNetv2_train DATASET {summary['configuration']} FOLD "
+                 f"-pretrained_weights {summary['out']}")
+    reporter.done("ok", EXIT_OK, **summary)
     return EXIT_OK
 
 
@@ -159,6 +204,10 @@ def finetune_config(values: dict, reporter: Reporter | None = None):
     if values.get("init", "scratch") != "scratch":
         path = transfer.pretrained_model_file(values["init"])
         card = checkpoint.read_card(path)
+        if isinstance(card.get("config"), dict) and card["config"].get("network") == "nnunet":
+            raise BadInput(f"{path}: pretrained nnU-Net's network, which nnU-Net fine-tunes: rubikssl export-nnunet "
+                           f"{values['init']} --out pretrained.pth, then nnUNetv2_train DATASET CONFIGURATION FOLD "
+                           "-pretrained_weights pretrained.pth")
         try:
             pretrained = settings_from_json(EncoderConfig, card["config"]["encoder"])
         except BadInput as error:

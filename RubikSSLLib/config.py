@@ -151,6 +151,13 @@ class PretrainConfig(JsonConfig):
     workers: int = field(default=-1, metadata=option("DataLoader workers (-1: 0 on CPU, 4 on CUDA)"))
     shortcut_puzzles: int = field(default=2000, metadata=option(
         "puzzles of the trivial-cue shortcut check before a cube-grid pretraining (0: skip it)"))
+    network: str = field(default="rubikssl", metadata=option(
+        "rubikssl (our VGG-style encoder) or nnunet (nnU-Net's own network, built from --plans; the optional extra "
+        "rubikssl[nnunet])", choices=("rubikssl", "nnunet")))
+    plans: str | None = field(default=None, metadata=option(
+        "--network nnunet: the nnUNetPlans.json of nnU-Net's planning (its dataset.json beside it)", default_note="none"))
+    configuration: str = field(default="3d_fullres", metadata=option("--network nnunet: the plans' configuration"))
+    nnunet: dict | None = None  # the plans and dataset.json read at the start (nnunet.read_plans): the run keeps them
 
     def __post_init__(self) -> None:
         check_range("steps", self.steps, 1, 1e9)
@@ -171,6 +178,15 @@ class PretrainConfig(JsonConfig):
         if not isinstance(self.data, list) or not all(isinstance(item, str) for item in self.data):
             raise BadInput("--data: give volume files, folders, a datalist .json, an nnU-Net folder or an .npz")
         taskspec.parse(self.task)  # refuses unknown names and bad weights
+        if self.network not in ("rubikssl", "nnunet"):
+            raise BadInput(f"--network {self.network}: use rubikssl or nnunet")
+        if self.network == "nnunet":
+            if self.nnunet is None and not self.plans:
+                raise BadInput("--network nnunet needs --plans nnUNetPlans.json (nnU-Net's planning writes it into "
+                               "nnUNet_preprocessed/DatasetXXX_Name/)")
+            return  # the plan's encoder decides what fits (nnunet.check_fits)
+        if self.plans:
+            raise BadInput("--plans is for --network nnunet; add --network nnunet to pretrain nnU-Net's network")
         smallest = self.encoder.downsampling
         if min(self.puzzle.cube_size) < smallest:
             raise BadInput(f"--cube-size {min(self.puzzle.cube_size)} is too small for a {len(self.encoder.widths)}-stage "

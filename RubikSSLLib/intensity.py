@@ -14,7 +14,8 @@ CT_DETECTION_HU = -500.0  # a volume whose 1st percentile is below this is taken
 
 @dataclass(frozen=True)
 class IntensityRecipe:
-    """kind: auto (CT if the 1st percentile < -500, else MRI) | ct (HU window) | mri (percentile clip) | none."""
+    """kind: auto (CT if the 1st percentile < -500, else MRI) | ct (HU window) | mri (percentile clip) | none |
+    preprocessed (values already normalised by nnU-Net's preprocessing: left as they are)."""
 
     kind: str = field(default="auto", metadata=option(
         "CT HU window [-1000, 1000] or MRI 0.5-99.5 percentile clip", flag="--intensity",
@@ -23,8 +24,11 @@ class IntensityRecipe:
     mri_percentiles: tuple[float, float] = (0.5, 99.5)
 
     def __post_init__(self) -> None:
-        if self.kind not in ("auto", "ct", "mri", "none"):
+        if self.kind not in KINDS:
             raise BadInput(f"intensity recipe {self.kind!r} unknown; use auto, ct, mri or none")
+
+
+KINDS = ("auto", "ct", "mri", "none", "preprocessed")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,13 @@ class IntensityMap:
 
     low: np.ndarray
     high: np.ndarray
+    identity: bool = False  # the values are the network's input already (nnU-Net-normalised)
+
+    def to_network(self, array: np.ndarray) -> np.ndarray:
+        """array: (C, ...) -> float32 network input: mapped to [0, 1] and scaled to [-1, 1], or kept (identity)."""
+        if self.identity:
+            return array.astype(np.float32, copy=True)
+        return self.apply(array) * 2 - 1
 
     def apply(self, array: np.ndarray) -> np.ndarray:
         """array: (C, ...) any dtype -> float32 clipped to [0, 1]."""
@@ -49,6 +60,8 @@ def fit(array: np.ndarray, recipe: IntensityRecipe) -> IntensityMap:
     float32 case, one thread, fit + apply 0.05 s vs 0.43 s, largest difference 1e-4; the sample is also what picks
     CT or MRI per channel (`auto`) and is reused for every crop of the case."""
     sample = array[:, ::2, ::2, ::2].reshape(array.shape[0], -1).astype(np.float32)
+    if recipe.kind == "preprocessed":
+        return IntensityMap(sample.min(axis=1), sample.max(axis=1), identity=True)
     lows, highs = [], []
     for channel in sample:
         kind = recipe.kind

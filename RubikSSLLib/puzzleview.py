@@ -120,7 +120,7 @@ def write_task_sample(volumes: list[str], out: Path, config: PretrainConfig, see
     sample = {k: v.numpy() for k, v in task.sample(case, rng, True).items()}
     size = task.shape.crop_size
     z, y, x = start
-    original = case.mapping.apply(case.array[:, z:z + size[0], y:y + size[1], x:x + size[2]]) * 2 - 1
+    original = case.mapping.to_network(case.array[:, z:z + size[0], y:y + size[1], x:x + size[2]])
     views = task.views(sample, original, start)
     record: dict = {"task": config.task, "volumes": volumes, "seed": seed, "crop_start_zyx": start.tolist(),
                     "crop_size_zyx": list(size)} | task.describe(sample)

@@ -63,7 +63,10 @@ def prepare(volume: Volume, spec: CropShape, recipe: intensity.IntensityRecipe) 
         padding = [(0, 0)] + list(zip(pad_before, pad_after))
         array = np.stack([np.pad(c, padding[1:], constant_values=low) for c, low in zip(array, mapping.low)])
         geometry = geometry.shifted(tuple(-pad_before))
-    fg_start, fg_stop = intensity.foreground_box(mapping.apply(array[:, ::2, ::2, ::2]))
+    if mapping.identity:  # nnU-Net's preprocessing has cropped the volume to its foreground already
+        fg_start, fg_stop = np.zeros(3, dtype=int), np.array(array.shape[1:]) // 2
+    else:
+        fg_start, fg_stop = intensity.foreground_box(mapping.apply(array[:, ::2, ::2, ::2]))
     return PreparedCase(volume.name, array, geometry, mapping, fg_start * 2, np.minimum(fg_stop * 2, array.shape[1:]))
 
 
@@ -83,15 +86,19 @@ def make_puzzle(case: PreparedCase, spec: puzzle.PuzzleSpec, table: np.ndarray, 
     """A puzzle from a random foreground crop; `train` draws random gaps, otherwise gaps are centred. The case's
     intensity window is applied to the cubes only (not to the whole crop). rotate=False: a plain jigsaw."""
     start = crop_start(case, spec.crop_size, rng)
+    if case.mapping.identity:  # nnU-Net's intensities, as its network will read them: no per-cube rescaling
+        return puzzle.scramble(case.array, spec, table, rng, train=train, crop_start=tuple(start), normalise=False,
+                               rotate=rotate)
     return puzzle.scramble(case.array, spec, table, rng, train=train, crop_start=tuple(start),
                            window=(case.mapping.low, case.mapping.high), rotate=rotate)
 
 
 def crop(case: PreparedCase, size: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
-    """(C, *size) float32 crop around a random foreground point, intensity-mapped to [0, 1] then scaled to [-1, 1]."""
+    """(C, *size) float32 crop around a random foreground point, as the network reads it (IntensityMap.to_network:
+    mapped to [0, 1] and scaled to [-1, 1], or nnU-Net's values kept)."""
     start = crop_start(case, size, rng)
     box = (slice(None),) + tuple(slice(int(a), int(a) + s) for a, s in zip(start, size))
-    return (case.mapping.apply(case.array[box]).astype(np.float32) * 2 - 1)
+    return case.mapping.to_network(case.array[box])
 
 
 def to_sample(item: puzzle.Puzzle) -> dict[str, torch.Tensor]:

@@ -77,7 +77,7 @@ def pretraining_check(config: PretrainConfig, cases: list[PreparedCase], puzzles
     result = trivial_ordering_accuracy(tasks.create(config), cases, puzzles, config.seed)
     if far_above_chance(result):
         result["smaller_cubes"] = {}
-        for size in smaller_cube_sizes(min(config.puzzle.cube_size), config.encoder.downsampling):
+        for size in smaller_cube_sizes(min(config.puzzle.cube_size), tasks.smallest_cube(config)):
             smaller = dataclasses.replace(config, puzzle=dataclasses.replace(config.puzzle, cube_size=(size,) * 3))
             accuracy = trivial_ordering_accuracy(tasks.create(smaller), cases, puzzles, config.seed)
             result["smaller_cubes"][str(size)] = accuracy["trivial_ordering_acc"]

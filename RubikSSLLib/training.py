@@ -77,7 +77,7 @@ def load_cases(sources: list[datasources.CaseSource], config: PretrainConfig, re
     for source in sources:
         stopping.check()  # a cancel while loading many volumes ends here, between two of them
         try:
-            volume = datasources.load(source, config.spacing_mm, config.canonical_orientation)
+            volume = load_volume(source, config)
             if volume.array.shape[0] != config.encoder.in_channels:
                 raise BadInput(
                     f"{source.name}: has {volume.array.shape[0]} channels but the first case has "
@@ -91,6 +91,24 @@ def load_cases(sources: list[datasources.CaseSource], config: PretrainConfig, re
             if skipped is not None:
                 skipped += list(source.channels)
     return cases
+
+
+def load_volume(source: datasources.CaseSource, config: PretrainConfig):
+    """One case as the config's network reads it: resampled and reoriented for RubikSSL's encoder, or through
+    nnU-Net's own preprocessing with the plan for nnU-Net's network."""
+    if config.network != "nnunet":
+        return datasources.load(source, config.spacing_mm, config.canonical_orientation)
+    from RubikSSLLib import nnunet
+    from RubikSSLLib.tasks.base import nnunet_plan
+    from RubikSSLLib.volumes import Geometry, Volume
+
+    if source.npz_key:
+        raise BadInput(f"{source.name}: --network nnunet reads image files (nnU-Net preprocesses them with its plan), "
+                       "not arrays of an .npz archive")
+    plan = nnunet_plan(config)
+    array = nnunet.load_case(plan, list(source.channels))
+    spacing = tuple(float(v) for v in plan.settings.spacing[::-1])  # nnU-Net's (transposed) array order
+    return Volume(array, Geometry(spacing), list(source.channels))
 
 
 def split_cases(train: list[Loaded], validation: list[Loaded], config: PretrainConfig,
@@ -164,10 +182,22 @@ class Pretraining(RunLoop):
         self.shortcut = self._shortcut_check() if self.is_main else {}
         torch.manual_seed(config.seed)
         self.model = channels_last(self.task.build_model().to(self.device))
+        if config.network == "nnunet":
+            self._check_fits()
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
         self.restore()
         self.val_samples = sampling.fixed_samples(self.val_cases, self.task.sample, config.val_puzzles, config.seed)
         self.write_config()
+
+    def _check_fits(self) -> None:
+        """nnU-Net's network: one sample through it, refused in one line (with what fits) if too small."""
+        from RubikSSLLib import nnunet
+        from RubikSSLLib.tasks.base import nnunet_plan
+
+        sample = self.task.sample(self.train_cases[0], np.random.default_rng(self.config.seed), False)
+        batch = move_batch({k: v[None] for k, v in sample.items()}, self.device)
+        nnunet.check_fits(nnunet_plan(self.config), self.config.task, self.model,
+                          lambda: self.task.forward(self.model, batch))
 
     def _check_resumed_data(self, sources: list[datasources.CaseSource]) -> None:
         """A resume trains on the data its run recorded (sha256 of every file), or says why it cannot."""

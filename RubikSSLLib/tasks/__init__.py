@@ -26,3 +26,13 @@ def create(config: PretrainConfig) -> PretextTask:
         return CombinedTask(config, [(create(dataclasses.replace(config, task=name)), weight) for name, weight in parts])
     module, cls = REGISTRY[config.task].split(":")
     return getattr(importlib.import_module(f"RubikSSLLib.tasks.{module}"), cls)(config)
+
+
+def smallest_cube(config) -> int:
+    """The smallest cube edge the config's encoder reads: its downsampling (RubikSSL's encoder) or twice the plan's
+    largest total stride (nnU-Net's: its deepest map keeps 2 voxels, what instance norm needs)."""
+    if config.network == "nnunet":
+        from RubikSSLLib.tasks.base import nnunet_plan
+
+        return 2 * max(nnunet_plan(config).total_stride)
+    return config.encoder.downsampling

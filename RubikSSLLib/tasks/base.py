@@ -53,6 +53,8 @@ class PretextTask(ABC):
     @property
     def features(self) -> int:
         """Channels of the encoder's last feature map (what a head reads)."""
+        if self.config.network == "nnunet":
+            return int(nnunet_plan(self.config).settings.network_arch_init_kwargs["features_per_stage"][-1])
         return self.config.encoder.widths[-1]
 
     def decoder_prefix(self) -> str:
@@ -91,13 +93,31 @@ class PretextTask(ABC):
         """The sample's label in words and numbers for sample.json (a rotation class, a neighbour position)."""
         return {}
 
-    def encoder(self) -> Encoder:
+    def encoder(self) -> nn.Module:
+        """RubikSSL's encoder, or with --network nnunet the plan's own (nnU-Net's modules and names)."""
+        if self.config.network == "nnunet":
+            from RubikSSLLib import nnunet
+
+            return nnunet.encoder(nnunet_plan(self.config))
         return Encoder(self.config.encoder)
+
+
+def nnunet_plan(config: PretrainConfig):
+    """The nnU-Net plan a --network nnunet run keeps in its config."""
+    from RubikSSLLib import nnunet
+
+    if config.nnunet is None:
+        raise BadInput("--network nnunet: the run's config holds no plan; start it with --plans")
+    return nnunet.plan_of(config.nnunet)
 
 
 def single_crop_shape(config: PretrainConfig) -> Crop:
     """Crop of the tasks that work on one block (rotation, restoration): the 2x2x2 cube grid without gaps,
-    i.e. 2 x cube size per axis, rounded down to a multiple of the encoder's downsampling (a U-Net needs it)."""
+    i.e. 2 x cube size per axis, rounded down to a multiple of the encoder's downsampling (a U-Net needs it). On
+    nnU-Net's network: the plan's patch size, the input it was designed for."""
+    if config.network == "nnunet":
+        size = nnunet_plan(config).patch_size
+        return Crop(size, size)
     factor = 2 ** len(config.encoder.widths)
     size = tuple(max(factor, (2 * c) // factor * factor) for c in config.puzzle.cube_size)
     return Crop(size, size)

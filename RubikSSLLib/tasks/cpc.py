@@ -95,6 +95,11 @@ class CPCTask(PretextTask):
     @property
     def patch_size(self) -> tuple[int, int, int]:
         """Half a cube per axis, but at least the encoder's downsampling (its last map keeps one voxel)."""
+        if self.config.network == "nnunet":
+            from RubikSSLLib.tasks.base import nnunet_plan
+
+            stride = nnunet_plan(self.config).total_stride
+            return tuple(max(2 * s, c // 2) for s, c in zip(stride, self.config.puzzle.cube_size))
         smallest = 2 ** len(self.config.encoder.widths)
         return tuple(max(smallest, c // 2) for c in self.config.puzzle.cube_size)
 

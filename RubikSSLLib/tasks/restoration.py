@@ -34,6 +34,11 @@ class RestorationTask(PretextTask):
                 "target": torch.from_numpy(target), "weight": torch.from_numpy(weight.astype(np.float32))}
 
     def build_head(self) -> nn.Module:
+        if self.config.network == "nnunet":  # the plan's own decoder: the whole U-Net is pretrained
+            from RubikSSLLib import nnunet
+            from RubikSSLLib.tasks.base import nnunet_plan
+
+            return nnunet.RestorationHead(nnunet_plan(self.config))
         encoder = self.config.encoder
         return RestorationHead(encoder.widths, encoder.in_channels, encoder.norm)
 

@@ -32,7 +32,14 @@ class RotationTask(PretextTask):
 
     @property
     def shape(self) -> sampling.Crop:
-        return single_crop_shape(self.config)
+        crop = single_crop_shape(self.config)
+        if self.config.network == "nnunet":  # the plan's patch, made cubic: its shortest side, whole strides
+            from RubikSSLLib.tasks.base import nnunet_plan
+
+            stride = max(nnunet_plan(self.config).total_stride)
+            edge = max(stride, min(crop.crop_size) // stride * stride)
+            return sampling.Crop((edge,) * 3, (edge,) * 3)
+        return crop
 
     def sample(self, case: sampling.PreparedCase, rng: np.random.Generator, train: bool) -> dict[str, torch.Tensor]:
         block = sampling.crop(case, self.shape.crop_size, rng)

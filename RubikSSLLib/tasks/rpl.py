@@ -44,7 +44,8 @@ class RPLTask(PretextTask):
         label = int(rng.integers(NUM_POSITIONS))
         cubes = puzzle.gather_cubes(case.array, corners, spec.cube_size, np.array([CENTRE, neighbour_cell(label)]),
                                     np.zeros(2, dtype=np.int64))
-        cubes = puzzle.normalise_cubes(cubes, case.mapping.low, case.mapping.high)
+        if not case.mapping.identity:  # nnU-Net's intensities stay as its network reads them
+            cubes = puzzle.normalise_cubes(cubes, case.mapping.low, case.mapping.high)
         chosen = corners[[CENTRE, neighbour_cell(label)]]
         return {"cubes": torch.from_numpy(cubes), "label": torch.tensor(label), "corners": torch.from_numpy(chosen)}
 
