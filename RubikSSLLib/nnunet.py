@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from RubikSSLLib import volumes
 from RubikSSLLib.errors import BadInput
 
 INSTALL = 'pip install "rubikssl[nnunet]"'
@@ -179,16 +180,15 @@ def load_case(plan: Plan, files: list[str]) -> np.ndarray:
     if len(files) != plan.input_channels:
         raise BadInput(f"{files[0]}: {len(files)} channel files, but the plan's dataset has {plan.input_channels} "
                        f"channels ({', '.join(plan.dataset.get('channel_names', {}).values())}); give them all, in order")
-    for path in files:
-        if not Path(path).exists():
-            raise BadInput(f"{path}: no such file; check the path")
+    volumes.check_one_grid(files, [volumes.read_header(path) for path in files])  # nnU-Net's reader only prints why
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             data, _, _ = DefaultPreprocessor(verbose=False).run_case(list(files), None, plan.manager, plan.settings,
                                                                    plan.dataset)
         except (RuntimeError, ValueError, OSError) as error:
-            raise BadInput(f"{files[0]}: nnU-Net's preprocessing refused it ({str(error).splitlines()[0][:160]})") from None
+            reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+            raise BadInput(f"{files[0]}: nnU-Net's preprocessing refused it ({reason})") from None
     return np.ascontiguousarray(data, dtype=np.float32)
 
 

@@ -61,7 +61,8 @@ def prepare(volume: Volume, spec: CropShape, recipe: intensity.IntensityRecipe) 
     array, geometry = volume.array, volume.geometry
     if pad_before.any() or pad_after.any():
         padding = [(0, 0)] + list(zip(pad_before, pad_after))
-        array = np.stack([np.pad(c, padding[1:], constant_values=low) for c, low in zip(array, mapping.low)])
+        fill = np.zeros_like(mapping.low) if mapping.identity else mapping.low  # nnU-Net pads its inputs with 0
+        array = np.stack([np.pad(c, padding[1:], constant_values=value) for c, value in zip(array, fill)])
         geometry = geometry.shifted(tuple(-pad_before))
     if mapping.identity:  # nnU-Net's preprocessing has cropped the volume to its foreground already
         fg_start, fg_stop = np.zeros(3, dtype=int), np.array(array.shape[1:]) // 2

@@ -170,6 +170,14 @@ def read_header(path: str | os.PathLike) -> tuple[Geometry, tuple[int, ...]]:
     return Geometry(reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection()), tuple(reader.GetSize())
 
 
+def check_one_grid(paths: list[str], headers: list[tuple[Geometry, tuple[int, ...]]]) -> None:
+    """Refuse channel files of one case whose (geometry, size (x, y, z)) headers differ from the first one's."""
+    for path, (geometry, size) in zip(paths[1:], headers[1:]):
+        if size != headers[0][1] or not geometry.matches(headers[0][0]):
+            raise BadInput(f"{path}: channel geometry differs from {paths[0]} (size {size} vs {headers[0][1]}, "
+                           f"spacing/origin/direction); resample the channels onto one grid first")
+
+
 NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}  # NIfTI datatype codes of float32 and float64
 
 
@@ -340,12 +348,7 @@ def load_case(paths: list[str], spacing_mm: float | None = None, canonical: bool
             raise BadInput(f"{path}: has {image.GetNumberOfComponentsPerPixel()} components per voxel; save each channel as its own 3D file")
         images.append(image)
     first = geometry_of(images[0])
-    for path, image in zip(paths[1:], images[1:]):
-        if image.GetSize() != images[0].GetSize() or not geometry_of(image).matches(first):
-            raise BadInput(
-                f"{path}: channel geometry differs from {paths[0]} (size {image.GetSize()} vs {images[0].GetSize()}, "
-                f"spacing/origin/direction); resample the channels onto one grid first"
-            )
+    check_one_grid(paths, [(geometry_of(image), tuple(image.GetSize())) for image in images])
     arrays = []
     for path, image in zip(paths, images):
         check_voxels(sitk.GetArrayViewFromImage(image), str(path))

@@ -1,7 +1,8 @@
 """Pretraining for nnU-Net: our pretext tasks on nnU-Net's own network, exported as nnU-Net loads it, and nnU-Net's
 own trainer training from it, on a small BraTS dataset that nnU-Net itself planned and preprocessed.
 
-Runs where the optional extra is installed (`bash run.sh test` installs it); nnunetv2 2.5.x, in this process."""
+Runs where the optional extra is installed (`bash run.sh test` installs it; tested with nnunetv2 2.8.1), in this
+process."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from conftest import SHARED_DATA, rubikssl
 
 pytestmark = pytest.mark.slow  # nnU-Net plans and preprocesses first: not in the quick loop
 TINY = "3d_tiny"  # the planned network with 4-8-16 features, a 32x48x48 patch: CPU-sized, nnU-Net's all the same
+LARGE_PATCH = "3d_tiny_large_patch"  # a patch larger than every cropped case (about 52x75x60 voxels)
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,7 @@ def planned(tmp_path_factory: pytest.TempPathFactory) -> dict:
     plans = nnunet_dataset.plan_and_preprocess(901)
     os.environ["nnUNet_n_proc_DA"] = "0"  # the trainer's augmentation in this process (the planner needs >= 1)
     nnunet_dataset.add_configuration(plans, TINY, (4, 8, 16, 16, 16), patch_size=(32, 48, 48))
+    nnunet_dataset.add_configuration(plans, LARGE_PATCH, (4, 8, 16, 16, 16), patch_size=(64, 112, 112))
     nnunet_dataset.write_splits(plans.parent)
     images = sorted((raw / "imagesTr").glob("*_0000.nii.gz"))
     cases = [{"image": [str(p), str(p).replace("_0000.", "_0001.")]} for p in images]
@@ -89,6 +92,29 @@ def test_each_fitting_task_trains_nnunets_network_on_real_data(planned: dict, tm
         assert any(k.startswith("head.decoder.stages.") for k in state)
 
 
+def test_a_case_smaller_than_the_plans_patch_is_padded_with_zeros_as_nnunet_pads_it(planned: dict, tmp_path: Path) -> None:
+    """nnU-Net trains on cases smaller than its patch (padded with 0, the normalised mean); so does a restoration
+    pretraining of its U-Net, on crops of the plan's patch size."""
+    from RubikSSLLib import datasources, nnunet, sampling, tasks
+    from RubikSSLLib.config import PretrainConfig
+    from RubikSSLLib.training import load_volume
+
+    result = pretrain(planned, tmp_path / "mae", "mae", configuration=LARGE_PATCH)
+    assert result.returncode == 0, result.stderr
+    config = PretrainConfig.read(tmp_path / "mae" / "config.json")
+    first = json.loads(planned["datalist"].read_text())["training"][0]["image"]
+    volume = load_volume(datasources.CaseSource(tuple(first)), config)
+    patch = nnunet.plan_of(config.nnunet).patch_size
+    assert patch == (64, 112, 112) and all(n < p for n, p in zip(volume.array.shape[1:], patch)), volume.array.shape
+    prepared = sampling.prepare(volume, tasks.create(config).shape, config.intensity)
+    assert prepared.array.shape[1:] == patch
+    before_x = (patch[2] - volume.array.shape[3]) // 2
+    assert before_x > 0 and np.all(prepared.array[..., :before_x] == 0)
+    np.testing.assert_array_equal(prepared.array[..., before_x:before_x + volume.array.shape[3]][
+        :, (64 - volume.array.shape[1]) // 2:][:, :volume.array.shape[1]][:, :, (112 - volume.array.shape[2]) // 2:][
+        :, :, :volume.array.shape[2]], volume.array)
+
+
 def test_a_plan_the_task_does_not_fit_is_refused_saying_what_fits(planned: dict, tmp_path: Path) -> None:
     result = pretrain(planned, tmp_path / "too small", "rubik", "--cube-size", "8", "--jitter", "2")
     lines = result.stderr.strip().splitlines()
@@ -97,6 +123,13 @@ def test_a_plan_the_task_does_not_fit_is_refused_saying_what_fits(planned: dict,
     missing = rubikssl("pretrain", "--data", str(planned["datalist"]), "--out", str(tmp_path / "x"), "--network",
                        "nnunet", "--progress", "none")
     assert missing.returncode == 2 and "needs --plans" in missing.stderr.splitlines()[-1]
+    flair = SHARED_DATA / "pretrain/msl_patient01_study1_FLAIR.nii.gz"  # its T1W was scanned on another grid
+    unaligned = tmp_path / "unaligned.json"
+    unaligned.write_text(json.dumps({"training": [{"image": [str(flair), str(flair).replace("_FLAIR.", "_T1W.")]}] * 2}))
+    result = rubikssl("pretrain", "--data", str(unaligned), "--out", str(tmp_path / "y"), "--network", "nnunet",
+                      "--plans", str(planned["plans"]), "--configuration", TINY, "--task", "mae", "--progress", "none")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2 and "_T1W.nii.gz: channel geometry differs" in last and "one grid" in last, result.stderr
 
 
 def test_the_export_is_loaded_by_nnunets_loader_and_trained_from_by_its_trainer(planned: dict, tmp_path: Path) -> None:

@@ -114,10 +114,10 @@ def nnunet_plan(config: PretrainConfig):
 def single_crop_shape(config: PretrainConfig) -> Crop:
     """Crop of the tasks that work on one block (rotation, restoration): the 2x2x2 cube grid without gaps,
     i.e. 2 x cube size per axis, rounded down to a multiple of the encoder's downsampling (a U-Net needs it). On
-    nnU-Net's network: the plan's patch size, the input it was designed for."""
+    nnU-Net's network: the plan's patch size, the input it was designed for, from volumes of any size (nnU-Net
+    pads a case smaller than its patch, and so do we)."""
     if config.network == "nnunet":
-        size = nnunet_plan(config).patch_size
-        return Crop(size, size)
+        return Crop(nnunet_plan(config).patch_size, (1, 1, 1))
     factor = 2 ** len(config.encoder.widths)
     size = tuple(max(factor, (2 * c) // factor * factor) for c in config.puzzle.cube_size)
     return Crop(size, size)
