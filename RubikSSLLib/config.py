@@ -148,7 +148,8 @@ class PretrainConfig(JsonConfig):
     seed: int = field(default=0, metadata=option("random seed"))
     device: str = field(default="auto", metadata=option(DEVICES))
     precision: str = field(default="auto", metadata=option("autocast precision", choices=("auto", "fp32", "bf16", "fp16")))
-    workers: int = field(default=-1, metadata=option("DataLoader workers (-1: 0 on CPU, 4 on CUDA)"))
+    workers: int = field(default=-1, metadata=option("DataLoader workers (-1: 0 on CPU; on CUDA as many as the "
+                                                              "measured sample and step times need, within the cores)"))
     shortcut_puzzles: int = field(default=2000, metadata=option(
         "puzzles of the trivial-cue shortcut check before a cube-grid pretraining (0: skip it)"))
     network: str = field(default="rubikssl", metadata=option(

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from RubikSSLLib import checkpoint, datasources, rundir, sampling, shortcuts, stopping, tasks
+from RubikSSLLib import checkpoint, datasources, feeding, rundir, sampling, shortcuts, stopping, tasks
 from RubikSSLLib.config import PretrainConfig
 from RubikSSLLib.devices import autocast_dtype
 from RubikSSLLib.errors import BadInput
@@ -220,12 +220,34 @@ class Pretraining(RunLoop):
 
     def _loader(self) -> Iterator[dict[str, torch.Tensor]]:
         workers = self.config.workers
-        if workers < 0:
-            workers = 0 if self.device.type == "cpu" else min(4, os.cpu_count() or 1)
+        if workers < 0:  # CPU: samples made between steps; CUDA: as many workers as the step consumes
+            workers = 0 if self.device.type == "cpu" else self.measured_workers()
         stream = sampling.SampleStream(self.train_cases, self.task.sample, self.config.seed, self.distributed.rank, self.step)
         loader = torch.utils.data.DataLoader(stream, batch_size=self.config.batch_size, num_workers=workers,
                                              pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
         return iter(loader)
+
+    def measured_workers(self) -> int:
+        """The DataLoader workers this run's device needs (feeding.workers_needed), from the measured time to make
+        one sample of its first training case and a training step's forward + backward on a batch of them."""
+        config, case = self.config, self.train_cases[0]
+        sample_s = feeding.seconds_per_sample(lambda rng: self.task.sample(case, rng, True))
+        samples = [self.task.sample(case, np.random.default_rng(i), True) for i in range(config.batch_size)]
+        batch = move_batch(torch.utils.data.default_collate(samples), self.device)
+        dtype = autocast_dtype(config.precision, self.device)
+
+        def step() -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                return self.task.loss(self.task.forward(self.model, batch), batch)
+
+        step_s = feeding.seconds_per_step(self.model, step, self.device)
+        cores = feeding.usable_cores()
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", self.distributed.world_size))
+        workers = feeding.workers_needed(cores, sample_s, step_s, config.batch_size, processes)
+        self.reporter.log(f"data: {workers} DataLoader workers (a sample takes {sample_s * 1e3:.0f} ms on one core, a "
+                          f"step of {config.batch_size} {step_s * 1e3:.0f} ms; {cores} cores for {processes} "
+                          f"process{'es' * (processes > 1)}); --workers N overrides")
+        return workers
 
     def _train(self) -> dict[str, float]:
         self._setup()
