@@ -36,11 +36,13 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "Testing")]
+sys.path[:0] = [str(REPO), str(REPO / "Testing"), str(HERE)]
 
 import nnunet_dataset  # noqa: E402
+from bench_pretext_transfer import last_step, rubikssl, thread_environment  # noqa: E402
 
 from RubikSSLLib import evaluate, regions, rundir, statistics  # noqa: E402
+from RubikSSLLib.files import write_json_atomic  # noqa: E402
 
 SHARED = REPO.parent / "shared/data"
 DATASET_ID = 911
@@ -49,15 +51,6 @@ PRETEXT = {"rubik": ("--cube-size", "16,24,24", "--jitter", "2"), "mae": ()}  # 
 # is 57 voxels wide after nnU-Net crops it: 2 x 24 and a gap fit, with 2 voxels per axis left at the bottleneck)
 REGIONS = tuple(regions.BRATS_REGIONS)
 CLASSES = {"1": "necrosis", "2": "oedema", "3": "non-enhancing", "4": "enhancing"}
-
-
-def run_environment(threads: int) -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-
-
-def rubikssl(threads: int, *arguments: str) -> None:
-    subprocess.run([sys.executable, "-m", "RubikSSLLib", *arguments, "--progress", "none"], check=True,
-                   env=run_environment(threads), cwd=REPO)
 
 
 def planned_dataset(out: Path, spacing_mm: float) -> Path:
@@ -110,12 +103,6 @@ def pretraining_datalist(out: Path) -> Path:
     return path
 
 
-def last_step(run: Path) -> int:
-    metrics = run / rundir.METRICS
-    lines = metrics.read_text().splitlines() if metrics.exists() else []
-    return json.loads(lines[-1])["step"] if lines else 0
-
-
 def steps_of(task: str, budget: str) -> int:
     """A task's pretraining steps from --pretrain-steps: one number for all, or task=N,task=N."""
     if "=" not in budget:
@@ -131,15 +118,15 @@ def pretrain(task: str, plans: Path, out: Path, args: argparse.Namespace) -> tup
     start = time.perf_counter()
     steps = steps_of(task, args.pretrain_steps)
     if last_step(run) < steps:
-        rubikssl(args.threads, "pretrain", "--network", "nnunet", "--plans", str(plans), "--configuration",
+        rubikssl("pretrain", "--network", "nnunet", "--plans", str(plans), "--configuration",
                  configuration_name(plans, args), "--task", task, "--data", str(pretraining_datalist(out)), "--out", str(run),
                  "--steps", str(steps), "--batch-size", str(args.pretrain_batch_size),
                  "--eval-every", str(max(1, steps // 4)), "--val-puzzles", str(args.val_puzzles),
-                 *PRETEXT[task], *(["--resume"] if run.exists() else []))
-        write_result(timing, {"wall_s": time.perf_counter() - start})
+                 *PRETEXT[task], *(["--resume"] if run.exists() else []), threads=args.threads)
+        write_json_atomic(timing, {"wall_s": time.perf_counter() - start})
     weights = run / "nnunet_pretrained.pth"
     if not weights.exists():
-        rubikssl(args.threads, "export-nnunet", str(run), "--out", str(weights))
+        rubikssl("export-nnunet", str(run), "--out", str(weights), threads=args.threads)
     history = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
     wall_s = json.loads(timing.read_text())["wall_s"] if timing.exists() else float("nan")
     return weights, {k.removeprefix("val_"): v for k, v in history[-1].items() if k.startswith("val_")}, wall_s
@@ -147,7 +134,7 @@ def pretrain(task: str, plans: Path, out: Path, args: argparse.Namespace) -> tup
 
 def child(arguments: list[str], threads: int) -> None:
     subprocess.run([sys.executable, str(Path(__file__).resolve()), *arguments], check=True,
-                   env=run_environment(threads), cwd=REPO)
+                   env=thread_environment(threads), cwd=REPO)
 
 
 def nnunet_run(arm: str, fold: int, weights: Path | None, args: argparse.Namespace) -> dict:
@@ -207,7 +194,7 @@ def train_one_nnunet(arm: str, fold: int, weights: str, args: argparse.Namespace
     case = nnunet_dataset.CASES[fold]
     scores = region_scores(Path(trainer.output_folder) / "validation" / f"{case}.nii.gz",
                            raw_folder(args.out) / "labelsTr" / f"{case}.nii.gz")
-    write_result(args.out / "results" / f"nnunet_{arm}_fold{fold}.json", scores | {
+    write_json_atomic(args.out / "results" / f"nnunet_{arm}_fold{fold}.json", scores | {
         "train_s": trained - start, "validation_s": validated - trained, "iterations": per_epoch * args.epochs})
 
 
@@ -219,11 +206,6 @@ def region_scores(prediction: Path, truth: Path) -> dict[str, float]:
 
     return {name: (0.0 if np.isnan(d) else d) for name, d in  # an empty prediction of a present region scores 0
             regions.region_dice(read(prediction), read(truth), regions.BRATS_REGIONS).items()}
-
-
-def write_result(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
 
 
 def our_datalist(fold: int, out: Path) -> Path:
@@ -241,9 +223,10 @@ def our_finetune(run: Path, fold: int, epochs: int, per_epoch: int, args: argpar
     """`rubikssl finetune --task segment` from scratch; returns its wall time (s)."""
     data = str(our_datalist(fold, args.out))
     start = time.perf_counter()
-    rubikssl(args.threads, "finetune", "--task", "segment", "--train", data, "--val", data, "--out", str(run),
+    rubikssl("finetune", "--task", "segment", "--train", data, "--val", data, "--out", str(run),
              "--init", "scratch", "--epochs", str(epochs), "--iterations-per-epoch", str(per_epoch), "--patch-size",
-             str(args.patch_size), "--spacing", str(args.spacing), "--batch-size", "2", "--seed", str(args.seed * 1000 + fold))
+             str(args.patch_size), "--spacing", str(args.spacing), "--batch-size", "2", "--seed", str(args.seed * 1000 + fold),
+             threads=args.threads)
     return time.perf_counter() - start
 
 
@@ -257,7 +240,7 @@ def our_step_cost(args: argparse.Namespace) -> dict[str, float]:
         two = our_finetune(args.out / "calibration_2x10", 0, 2, 10, args)
         step = (longer - one) / 20
         validation = max(0.0, two - one - 10 * step)
-        write_result(cache, {"step_s": step, "validation_s": validation,
+        write_json_atomic(cache, {"step_s": step, "validation_s": validation,
                              "startup_s": max(0.0, one - 10 * step - validation)})
     return json.loads(cache.read_text())
 
@@ -275,8 +258,8 @@ def ours_run(fold: int, wall_s: float, args: argparse.Namespace) -> dict:
         took = our_finetune(run, fold, epochs, per_epoch, args)
         observed = (took - overhead) / (per_epoch * epochs)
         cost["step_s"] = float(np.clip(observed, cost["step_s"] / 2, cost["step_s"] * 2))
-        write_result(args.out / "results" / "ours_calibration.json", cost)
-        write_result(result, {r: evaluate.score(run, f"dice_{r}", 1) for r in REGIONS} | {
+        write_json_atomic(args.out / "results" / "ours_calibration.json", cost)
+        write_json_atomic(result, {r: evaluate.score(run, f"dice_{r}", 1) for r in REGIONS} | {
             "train_s": took, "validation_s": 0.0, "iterations": per_epoch * epochs})
     return json.loads(result.read_text())
 

@@ -42,10 +42,13 @@ RECIPES = {  # extra `rubikssl finetune` flags
 FOR_SCRATCH_TOO = ("default", "lr-warmup", "encoder-lr", "cosine")
 
 
-def rubikssl(*arguments: str) -> None:
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "RubikSSLLib", *arguments, "--progress", "none"], check=True, env=environment,
-                   cwd=REPO)
+def thread_environment(threads: int = 1) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def rubikssl(*arguments: str, threads: int = 1) -> None:
+    subprocess.run([sys.executable, "-m", "RubikSSLLib", *arguments, "--progress", "none"], check=True,
+                   env=thread_environment(threads), cwd=REPO)
 
 
 def last_step(run: Path) -> int:

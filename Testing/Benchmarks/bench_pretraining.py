@@ -1,9 +1,10 @@
 """Benchmarks for pretraining; prints Markdown tables. Not a test: numbers depend on the machine.
 
-    python Testing/Benchmarks/bench_pretraining.py [--repeats 5]
+    python Testing/Benchmarks/bench_pretraining.py [--repeats 5] [--threads 1]
+    python Testing/Benchmarks/bench_pretraining.py --profile 32     # where one step's time goes (torch.profiler)
 
 1. Sampler: puzzles/s on one thread, 8 cubes of 64^3 from a real 240x240x155 volume (BraTS FLAIR).
-2. Network: training steps/s and puzzles/s (the consumption rate), FLOPs per step, and the achieved FLOP rate as a
+2. Network (channels-last, as training runs it): training steps/s and puzzles/s (the consumption rate), FLOPs per step, and the achieved FLOP rate as a
    fraction of this machine's oneDNN conv3d rate (64 -> 64 channels, 3x3x3, batch 8, 32^3) measured in the same run.
 """
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from RubikSSLLib import datasources, puzzle, sampling  # noqa: E402
 from RubikSSLLib.intensity import IntensityRecipe  # noqa: E402
-from RubikSSLLib.networks import Encoder, EncoderConfig, RubikNet, rubik_loss  # noqa: E402
+from RubikSSLLib.networks import Encoder, EncoderConfig, RubikNet, channels_last, rubik_loss  # noqa: E402
 
 BRATS = REPO.parent / "shared/data/seg/brats2015_deepmedic/brats_2013_pat0001_1/Flair_subtrMeanDivStd.nii.gz"
 
@@ -58,8 +59,10 @@ def bench_sampler(repeats: int) -> list[tuple[str, float]]:
             ("sampler + torch sample dict", median_rate(count, with_tensors, repeats))]
 
 
-def bench_network(repeats: int, cube: int, batch: int) -> list[tuple[str, float]]:
-    model = RubikNet(Encoder(EncoderConfig()), 8, 100)
+def training_step(cube: int, batch: int):
+    """One Rubik pretraining step (forward + backward + Adam) of the default encoder on `batch` puzzles of 8 random
+    cubes of cube^3, laid out as training lays it out (channels-last)."""
+    model = channels_last(RubikNet(Encoder(EncoderConfig()), 8, 100))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     cubes = torch.randn(batch, 8, 1, cube, cube, cube)
     targets = {"order": torch.randint(0, 100, (batch,)), "hor": torch.zeros(batch, 8), "ver": torch.zeros(batch, 8)}
@@ -70,6 +73,23 @@ def bench_network(repeats: int, cube: int, batch: int) -> list[tuple[str, float]
         loss.backward()
         optimizer.step()
 
+    return step
+
+
+def profile_table(cube: int, batch: int) -> str:
+    """torch.profiler's self-CPU table of one training step, after two warm-up steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = training_step(cube, batch)
+    step()
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        step()
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+
+
+def bench_network(repeats: int, cube: int, batch: int) -> list[tuple[str, float]]:
+    step = training_step(cube, batch)
     step()
     with FlopCounterMode(display=False) as counter:
         step()
@@ -97,8 +117,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", type=int, metavar="CUBE", help="instead: where one step's time goes, cubes of CUBE^3")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile:
+        print(profile_table(args.profile, 8))
+        return
     rows = bench_sampler(args.repeats) + bench_network(args.repeats, 32, 8) + bench_network(max(1, args.repeats // 2), 64, 8)
     print(f"threads: {args.threads}; median of {args.repeats} repeats; torch {torch.__version__}\n")
     print("| measurement | value |\n|---|---|")
