@@ -28,6 +28,7 @@ command=${1:-}
 shift || true
 case "$command" in
     demo) setup; exec "$VENV/bin/rubikssl" demo "$@" ;;
-    test) setup "test,nnunet"; exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    # One pytest-xdist worker per core (conftest.py gives each its share of threads); -n 0 runs in one process.
+    test) setup "test,nnunet"; exec "$VENV/bin/python" -m pytest -q -n auto --dist loadgroup "$@" ;;
     *) echo "usage: bash run.sh demo|test [arguments]" >&2; exit 2 ;;
 esac

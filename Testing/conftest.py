@@ -13,6 +13,26 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# Under pytest-xdist (run.sh runs one worker per core) each worker, and every process it starts, gets its share of
+# the cores: torch's default of one thread per core in each worker would oversubscribe the machine.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marks into the groups it schedules by
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests that share a module-scoped fixture (a trained model, a planned dataset) run in one xdist worker
+    (run.sh's --dist loadgroup), so that it is built once; the others spread over the workers one by one."""
+    for item in items:
+        definitions = getattr(item, "_fixtureinfo", None)
+        if definitions and any(d.scope == "module" for defs in definitions.name2fixturedefs.values() for d in defs):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
 SHARED_DATA = Path(os.environ.get("RUBIKSSL_SHARED_DATA", REPO.parent / "shared" / "data"))
 ADRENAL = SHARED_DATA / "cls" / "adrenalmnist3d_64_trainval.npz"
 HEAD_MR = SHARED_DATA / "pretrain" / "HeadMRVolume.mhd"
