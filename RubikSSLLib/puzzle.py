@@ -198,11 +198,13 @@ def gather_cubes(volume: np.ndarray, corners: np.ndarray, cube_size: tuple[int, 
 def scramble(
     volume: np.ndarray, spec: PuzzleSpec, table: np.ndarray, rng: np.random.Generator, train: bool = True,
     normalise: bool = True, crop_start: tuple[int, int, int] = (0, 0, 0),
-    window: tuple[np.ndarray, np.ndarray] | None = None, rotate: bool = True,
+    window: tuple[np.ndarray, np.ndarray] | None = None, rotate: bool = True, turn: bool = True,
 ) -> Puzzle:
     """Cut the crop of spec.crop_size at `crop_start` of `volume` (C, Z, Y, X) into cubes, shuffle them by a
     uniformly drawn table row and rotate them. normalise: scale each cube to [-1, 1], after clipping to the
-    per-channel `window` (low, high) if given. rotate=False leaves every cube unrotated (a plain jigsaw)."""
+    per-channel `window` (low, high) if given. rotate=False leaves every cube unrotated (a plain jigsaw).
+    turn=False draws the rotations but leaves the cubes unturned, for a caller that turns them itself
+    (devicepuzzle.finish, on the device): the returned `rotations` are still what the cubes must be turned by."""
     start = np.asarray(crop_start)
     if (start < 0).any() or (start + spec.crop_size > np.array(volume.shape[1:])).any():
         raise ValueError(f"crop at {tuple(start)} of size {spec.crop_size} exceeds the volume {volume.shape[1:]}")
@@ -210,7 +212,7 @@ def scramble(
     index = int(rng.integers(0, len(table)))  # high is exclusive: every row, the last included
     permutation = table[index]
     rotations = rng.integers(0, 3, size=spec.num_cubes).astype(np.int64) * int(rotate)  # drawn either way: same stream
-    cubes = gather_cubes(volume, starts + start, spec.cube_size, permutation, rotations)
+    cubes = gather_cubes(volume, starts + start, spec.cube_size, permutation, rotations if turn else np.zeros_like(rotations))
     if normalise:
         cubes = normalise_cubes(cubes, *(window or (None, None)))
     return Puzzle(cubes, index, permutation, rotations, starts, spec.crop_size)

@@ -83,15 +83,25 @@ def crop_start(case: PreparedCase, crop_size: tuple[int, int, int], rng: np.rand
 
 
 def make_puzzle(case: PreparedCase, spec: puzzle.PuzzleSpec, table: np.ndarray, rng: np.random.Generator,
-                train: bool, rotate: bool = True) -> puzzle.Puzzle:
+                train: bool, rotate: bool = True, finish: bool = True) -> puzzle.Puzzle:
     """A puzzle from a random foreground crop; `train` draws random gaps, otherwise gaps are centred. The case's
-    intensity window is applied to the cubes only (not to the whole crop). rotate=False: a plain jigsaw."""
+    intensity window is applied to the cubes only (not to the whole crop). rotate=False: a plain jigsaw.
+    finish=False: the cubes are only gathered (unturned, raw values) for devicepuzzle.finish to turn and scale
+    with puzzle_window(case); the random draws are the same either way."""
     start = crop_start(case, spec.crop_size, rng)
-    if case.mapping.identity:  # nnU-Net's intensities, as its network will read them: no per-cube rescaling
+    if case.mapping.identity or not finish:  # nnU-Net's intensities are the network's: no per-cube rescaling
         return puzzle.scramble(case.array, spec, table, rng, train=train, crop_start=tuple(start), normalise=False,
-                               rotate=rotate)
+                               rotate=rotate, turn=finish)
     return puzzle.scramble(case.array, spec, table, rng, train=train, crop_start=tuple(start),
                            window=(case.mapping.low, case.mapping.high), rotate=rotate)
+
+
+def puzzle_window(case: PreparedCase) -> np.ndarray | None:
+    """(2, C) float32 (low, high) per channel that a puzzle's cubes are clipped to before scaling; None for
+    nnU-Net-normalised cases, whose cubes are not rescaled."""
+    if case.mapping.identity:
+        return None
+    return np.stack([np.asarray(case.mapping.low), np.asarray(case.mapping.high)]).astype(np.float32).reshape(2, -1)
 
 
 def crop(case: PreparedCase, size: tuple[int, int, int], rng: np.random.Generator) -> np.ndarray:
@@ -102,15 +112,17 @@ def crop(case: PreparedCase, size: tuple[int, int, int], rng: np.random.Generato
     return case.mapping.to_network(case.array[box])
 
 
-def to_sample(item: puzzle.Puzzle) -> dict[str, torch.Tensor]:
+def to_sample(item: puzzle.Puzzle, window: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """The puzzle's cubes and targets as tensors; `window` (2, C), when given, rides along for devicepuzzle.finish."""
     targets = item.targets()
-    return {
+    sample = {
         "cubes": torch.from_numpy(np.ascontiguousarray(item.cubes)),
         "order": torch.as_tensor(targets["order"]),
         "hor": torch.from_numpy(targets["hor"]),
         "ver": torch.from_numpy(targets["ver"]),
         "rotations": torch.from_numpy(item.rotations),
     }
+    return sample if window is None else sample | {"window": torch.from_numpy(window)}
 
 
 Sampler = Callable[[PreparedCase, np.random.Generator, bool], dict[str, torch.Tensor]]

@@ -166,6 +166,7 @@ class Pretraining(RunLoop):
     def _setup(self) -> None:
         config = self.config
         self.task = tasks.create(config)
+        self.task.place_finishing(self.device)
         self.primary_metric, self.higher_is_better = self.task.primary_metric, self.task.higher_is_better
         pools = datasources.resolve(config.data)
         shape = self.task.shape

@@ -298,3 +298,67 @@ def test_the_puzzle_montage_titles_its_columns_and_colours_each_cube_by_how_the_
     assert not any(np.all(without_model == (np.array(rgb) * 255).astype(np.uint8), axis=-1).any()
                    for rgb in visualize.CUBE_COLOURS.values())
     assert without_model.shape[0] == image.shape[0] - visualize.LEGEND_HEIGHT  # no legend without colours
+
+
+def _one_stage_encoder():
+    from RubikSSLLib.networks import EncoderConfig
+
+    return EncoderConfig(1, (4,), (1,))
+
+
+def _real_case(identity: bool = False):
+    """HeadMR (real MRI, 2 channels: itself and a copy saturated above its window, whose cubes go constant), or its
+    nnU-Net-style twin (identity mapping: the values are the network's)."""
+    from conftest import HEAD_MR
+
+    from RubikSSLLib import datasources, sampling
+    from RubikSSLLib.intensity import IntensityRecipe
+
+    volume = datasources.load(datasources.CaseSource((str(HEAD_MR),)), spacing_mm=None)
+    volume.array = np.concatenate([volume.array, np.maximum(volume.array, np.percentile(volume.array, 60))])
+    return sampling.prepare(volume, SPEC, IntensityRecipe("none" if identity else "mri"))
+
+
+@pytest.mark.parametrize("task_name, identity", [("rubik", False), ("jigsaw", False), ("rubik", True)])
+def test_puzzles_finished_on_the_device_equal_the_samplers_bit_for_bit(task_name: str, identity: bool) -> None:
+    """The GPU path (the worker gathers, devicepuzzle.finish turns and scales the batch) gives the very cubes and
+    labels of the CPU path (the sampler finishes each puzzle in numpy), for the same draws; the batch is untouched."""
+    import dataclasses
+
+    import torch
+
+    from RubikSSLLib import tasks
+    from RubikSSLLib.config import PretrainConfig
+
+    case = _real_case(identity)
+    if identity:
+        case = dataclasses.replace(case, mapping=dataclasses.replace(case.mapping, identity=True))
+    task = tasks.create(PretrainConfig(data=["x"], out="y", task=task_name, puzzle=SPEC, encoder=_one_stage_encoder()))
+    finished = [task.sample(case, np.random.default_rng(seed), True) for seed in range(12)]
+    task.place_finishing(torch.device("cuda"))  # only sets where to finish: nothing runs on a GPU here
+    assert task.finish_on_device
+    raw = [task.sample(case, np.random.default_rng(seed), True) for seed in range(12)]
+    batch = torch.utils.data.default_collate(raw)
+    before = batch["cubes"].clone()
+    on_device = task.network_input(batch)
+    assert torch.equal(on_device, torch.stack([s["cubes"] for s in finished]))
+    assert torch.equal(batch["cubes"], before)
+    for key in ("order", "hor", "ver", "rotations"):
+        assert torch.equal(batch[key], torch.stack([s[key] for s in finished]))
+    assert ("window" in batch) is not identity
+    if not identity:
+        assert (on_device[:, :, 1] == 0).all(dim=(-3, -2, -1)).any()  # the constant-cube rule is exercised
+        assert on_device.min() == -1 and on_device.max() == 1
+    if task_name == "rubik":
+        assert (batch["rotations"] > 0).any() and not torch.equal(batch["cubes"], on_device)
+
+
+def test_rubik_plus_keeps_finishing_in_its_sampler_on_a_gpu() -> None:
+    import torch
+
+    from RubikSSLLib import tasks
+    from RubikSSLLib.config import PretrainConfig
+
+    task = tasks.create(PretrainConfig(data=["x"], out="y", task="rubik+", puzzle=SPEC, encoder=_one_stage_encoder()))
+    task.place_finishing(torch.device("cuda"))
+    assert not task.finish_on_device  # it masks voxels of the scaled cubes

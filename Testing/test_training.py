@@ -210,3 +210,37 @@ def test_batchnorm_recalibration_replaces_stale_statistics() -> None:
     conv_out = model.encoder.stages[0][0][0](cubes.flatten(0, 1))
     torch.testing.assert_close(norm.running_mean, conv_out.mean(dim=(0, 2, 3, 4)), atol=1e-4, rtol=1e-4)
     assert norm.momentum == 0.1
+
+
+def test_a_run_that_finishes_puzzles_on_the_device_trains_what_a_cpu_run_trains(tmp_path: Path, monkeypatch) -> None:
+    """On a GPU the sampler only gathers and the batch is turned and scaled on the device (devicepuzzle): with the
+    same seed it must train the very weights of the CPU path. Forced here on the CPU - the same code, the device
+    switched - on a real MRI with its intensity window."""
+    from conftest import HEAD_MR
+    from safetensors.torch import load_file
+
+    from RubikSSLLib.tasks.rubik import RubikTask
+
+    def train(name: str) -> tuple[dict, list[str]]:
+        out = tmp_path / name
+        result = rubikssl("pretrain", "--data", str(HEAD_MR), "--out", str(out), "--steps", "4", "--eval-every", "2",
+                          *TINY_RUN, "--intensity", "mri", "--progress", "none", "--shortcut-puzzles", "0")
+        assert result.returncode == 0, result.stderr
+        return load_file(out / "model.safetensors"), (out / rundir.METRICS).read_text().splitlines()
+
+    cpu_weights, cpu_metrics = train("sampler")
+    seen = []
+    real_finish = RubikTask.network_input
+
+    def finishing_on_device(self, batch):
+        seen.append((self.finish_on_device, "window" in batch))
+        return real_finish(self, batch)
+
+    monkeypatch.setattr(RubikTask, "place_finishing", lambda self, device: setattr(self, "finish_on_device", True))
+    monkeypatch.setattr(RubikTask, "network_input", finishing_on_device)
+    device_weights, device_metrics = train("device")
+    # the training forwards finished raw batches; the shortcut check's own task read finished ones
+    assert sum(on_device for on_device, _ in seen) >= 4 and all(on_device == raw for on_device, raw in seen)
+    assert device_metrics == cpu_metrics
+    assert cpu_weights.keys() == device_weights.keys()
+    assert all(torch.equal(cpu_weights[k], device_weights[k]) for k in cpu_weights)

@@ -61,8 +61,15 @@ class PretextTask(ABC):
         """Where a restoration task's U-Net decoder sits in the model's parameters (for fine-tuning to find it)."""
         return "head."
 
+    def place_finishing(self, device: torch.device) -> None:
+        """Told the training device before sampling starts (a puzzle task finishes its cubes there on a GPU)."""
+
+    def network_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What the network reads of a batch (a puzzle task finishes its cubes here, on the batch's device)."""
+        return batch[self.input_key]
+
     def forward(self, model: nn.Module, batch: dict[str, torch.Tensor]):
-        return model(batch[self.input_key])
+        return model(self.network_input(batch))
 
     @abstractmethod
     def loss(self, outputs, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...

@@ -70,6 +70,10 @@ class CombinedTask(PretextTask):
     def sample(self, case: sampling.PreparedCase, rng: np.random.Generator, train: bool) -> dict[str, torch.Tensor]:
         return {f"{p.name}/{key}": value for p in self.parts for key, value in p.sample(case, rng, train).items()}
 
+    def place_finishing(self, device: torch.device) -> None:
+        for part in self.parts:
+            part.place_finishing(device)
+
     def build_head(self) -> nn.Module:
         raise NotImplementedError("a combined task has one head per part: build_model")
 

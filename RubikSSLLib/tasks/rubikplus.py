@@ -28,6 +28,7 @@ def mask_cubes(cubes: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray,
 
 class RubikPlusTask(RubikTask):
     name = "rubik+"
+    can_finish_on_device = False  # its sample masks voxels of the finished (scaled) cubes
 
     def sample(self, case: sampling.PreparedCase, rng: np.random.Generator, train: bool) -> dict[str, torch.Tensor]:
         sample = super().sample(case, rng, train)

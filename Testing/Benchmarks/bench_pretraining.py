@@ -3,9 +3,10 @@
     python Testing/Benchmarks/bench_pretraining.py [--repeats 5] [--threads 1]
     python Testing/Benchmarks/bench_pretraining.py --profile 32     # where one step's time goes (torch.profiler)
 
-1. Sampler: puzzles/s on one thread, 8 cubes of 64^3 from a real 240x240x155 volume (BraTS FLAIR).
-2. Network (channels-last, as training runs it): training steps/s and puzzles/s (the consumption rate), FLOPs per step, and the achieved FLOP rate as a
-   fraction of this machine's oneDNN conv3d rate (64 -> 64 channels, 3x3x3, batch 8, 32^3) measured in the same run.
+The network (channels-last, as training runs it): training steps/s and puzzles/s (the consumption rate), FLOPs per
+step, and the achieved FLOP rate as a fraction of this machine's oneDNN conv3d rate (64 -> 64 channels, 3x3x3,
+batch 8, 32^3) measured in the same run. The sampler's rates (against Medical-SSL's generator and a plain gather)
+are bench_sampler.py's.
 """
 
 from __future__ import annotations
@@ -16,18 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from RubikSSLLib import datasources, puzzle, sampling  # noqa: E402
-from RubikSSLLib.intensity import IntensityRecipe  # noqa: E402
 from RubikSSLLib.networks import Encoder, EncoderConfig, RubikNet, channels_last, rubik_loss  # noqa: E402
-
-BRATS = REPO.parent / "shared/data/seg/brats2015_deepmedic/brats_2013_pat0001_1/Flair_subtrMeanDivStd.nii.gz"
 
 
 def median_rate(count: int, action, repeats: int) -> float:
@@ -37,26 +33,6 @@ def median_rate(count: int, action, repeats: int) -> float:
         action()
         rates.append(count / (time.perf_counter() - started))
     return statistics.median(rates)
-
-
-def bench_sampler(repeats: int) -> list[tuple[str, float]]:
-    spec = puzzle.PuzzleSpec(cube_size=(64, 64, 64), jitter=(10, 10, 10))
-    volume = datasources.load(datasources.CaseSource((str(BRATS),)), spacing_mm=None)
-    case = sampling.prepare(volume, spec, IntensityRecipe("mri"))
-    table = puzzle.permutation_table(8, 100, 0)
-    rng = np.random.default_rng(0)
-    count = 200
-
-    def plain() -> None:
-        for _ in range(count):
-            sampling.make_puzzle(case, spec, table, rng, train=True)
-
-    def with_tensors() -> None:
-        for _ in range(count):
-            sampling.to_sample(sampling.make_puzzle(case, spec, table, rng, train=True))
-
-    return [("sampler, 8 cubes of 64^3 (numpy puzzle)", median_rate(count, plain, repeats)),
-            ("sampler + torch sample dict", median_rate(count, with_tensors, repeats))]
 
 
 def training_step(cube: int, batch: int):
@@ -123,7 +99,7 @@ def main() -> None:
     if args.profile:
         print(profile_table(args.profile, 8))
         return
-    rows = bench_sampler(args.repeats) + bench_network(args.repeats, 32, 8) + bench_network(max(1, args.repeats // 2), 64, 8)
+    rows = bench_network(args.repeats, 32, 8) + bench_network(max(1, args.repeats // 2), 64, 8)
     print(f"threads: {args.threads}; median of {args.repeats} repeats; torch {torch.__version__}\n")
     print("| measurement | value |\n|---|---|")
     for name, value in rows:
