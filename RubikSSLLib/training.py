@@ -262,6 +262,7 @@ class Pretraining(RunLoop):
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         model.train()
         started, start_step = time.monotonic(), self.step
+        waited, reported = 0.0, started  # seconds waiting for batches since the last progress event, and its time
         with StopSignal() as stop:
             while self.step < config.steps:
                 if self.distributed.any(self.stop_asked(stop)):  # every rank stops at the same step
@@ -271,7 +272,9 @@ class Pretraining(RunLoop):
                     self.cancel(trained=self.step > start_step)
                 for group in self.optimizer.param_groups:
                     group["lr"] = learning_rate_at(self.step, config)
+                asked = time.monotonic()
                 batch = move_batch(next(batches), device)
+                waited += time.monotonic() - asked
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     loss = self.task.loss(self.task.forward(model, batch), batch)
                 if not torch.isfinite(loss):
@@ -282,8 +285,13 @@ class Pretraining(RunLoop):
                 scaler.update()
                 self.position += 1
                 if self.step % config.progress_every == 0 or self.step == config.steps:
-                    rate = (self.step - start_step) * config.batch_size * self.distributed.world_size / (time.monotonic() - started)
-                    self.reporter.progress(self.step, config.steps, loss=round(loss.item(), 4), puzzles_per_s=round(rate, 1))
+                    now = time.monotonic()
+                    rate = (self.step - start_step) * config.batch_size * self.distributed.world_size / (now - started)
+                    # since the last event: the loss check waits for the device, so time in next() is time without data
+                    data_wait = round(waited / max(now - reported, 1e-9), 3)
+                    self.reporter.progress(self.step, config.steps, loss=round(loss.item(), 4), puzzles_per_s=round(rate, 1),
+                                           data_wait=data_wait)
+                    waited, reported = 0.0, now
                 if self.step % config.eval_every == 0 and self.step < config.steps:
                     self._checkpoint(batches, evaluate_now=True)
         return self._checkpoint(batches, evaluate_now=True)

@@ -79,6 +79,8 @@ def test_json_progress_is_monotone_and_ends_with_done(small_adrenal: Path, tmp_p
     events = [e for e in map(progress.parse_line, result.stdout.splitlines()) if e]
     steps = [e["step"] for e in events if e["event"] == "progress"]
     assert steps == sorted(steps) and steps[-1] == 12
+    # the share of the time spent waiting for the sampler (on a CPU, without workers, it makes every batch)
+    assert all(0 < e["data_wait"] < 1 and e["puzzles_per_s"] > 0 for e in events if e["event"] == "progress")
     assert [e["step"] for e in events if e["event"] == "metric"] == [6, 12]
     assert events[-1]["event"] == "done" and events[-1]["exit_code"] == 0
     assert any(e["event"] == "artifact" and e["kind"] == "model" for e in events)
