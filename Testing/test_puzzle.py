@@ -362,3 +362,20 @@ def test_rubik_plus_keeps_finishing_in_its_sampler_on_a_gpu() -> None:
     task = tasks.create(PretrainConfig(data=["x"], out="y", task="rubik+", puzzle=SPEC, encoder=_one_stage_encoder()))
     task.place_finishing(torch.device("cuda"))
     assert not task.finish_on_device  # it masks voxels of the scaled cubes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int16", "uint16"])
+def test_gather_copies_each_cube_exactly_from_any_dtype(dtype: str) -> None:
+    """Unturned cubes are plain copies, turned ones copies of numpy's flipped views, from any volume dtype: all equal
+    plain slicing, in float32."""
+    volume = (np.random.default_rng(3).normal(size=(2, 30, 31, 32)) * 1000).astype(dtype)
+    corners = np.array([[0, 0, 0], [10, 11, 12], [20, 3, 5], [1, 20, 22]])
+    order, rotations = np.array([2, 0, 3, 1]), np.array([0, 1, 2, 0])
+    cubes = puzzle.gather_cubes(volume, corners, (7, 8, 9), order, rotations)
+    for slot, (source, rotation) in enumerate(zip(order, rotations)):
+        z, y, x = corners[source]
+        expected = volume[:, z:z + 7, y:y + 8, x:x + 9].astype(np.float32)
+        if rotation:
+            expected = np.flip(expected, puzzle.ROTATION_FLIP_AXES[rotation])
+        np.testing.assert_array_equal(cubes[slot], expected)
+    assert cubes.dtype == np.float32

@@ -2,6 +2,7 @@
 fine-tune at equal wall time. Prints a Markdown table. Not a test: an hour or more on a CPU. Needs the nnU-Net extra.
 
     python Testing/Benchmarks/bench_nnunet.py --out bench-nnunet [--iterations 250] [--pretrain-steps rubik=300,mae=60] [--threads 2]
+    python Testing/Benchmarks/bench_nnunet.py --out bench-nnunet --throughput   # puzzles/s, nnU-Net's network vs ours
 
 1. The four BraTS cases of ../shared/data (FLAIR + T1c, labels 1-4) at --spacing mm become an nnU-Net dataset that
    nnU-Net itself fingerprints, plans and preprocesses (its 3d_fullres configuration); one fold per case, trained on
@@ -27,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -130,6 +132,36 @@ def pretrain(task: str, plans: Path, out: Path, args: argparse.Namespace) -> tup
     history = [json.loads(line) for line in (run / rundir.METRICS).read_text().splitlines()]
     wall_s = json.loads(timing.read_text())["wall_s"] if timing.exists() else float("nan")
     return weights, {k.removeprefix("val_"): v for k, v in history[-1].items() if k.startswith("val_")}, wall_s
+
+
+def throughput(plans: Path, args: argparse.Namespace, steps: int = 25) -> list[str]:
+    """Rubik pretraining puzzles/s on nnU-Net's planned network (its encoder, the plan's preprocessing) and on ours
+    (the default encoder, our preprocessing at --spacing), the same cubes, batch and volumes, at 1 and 2 threads:
+    the steady rate between the runs' own progress events (bench_gpu.steady_rate), sampler included."""
+    from bench_gpu import steady_rate
+
+    from RubikSSLLib import progress
+
+    data = ("--data", str(pretraining_datalist(args.out)))
+    networks = {"nnU-Net's plan (" + PLANNED + ")": ("--network", "nnunet", "--plans", str(plans), "--configuration",
+                                                  PLANNED),
+                "RubikSSL's encoder": ("--spacing", str(args.spacing))}
+    lines = [f"Rubik pretraining, cubes 16x24x24 (jitter 2), batch {args.pretrain_batch_size}, {steps} steps, 7 MS "
+             "FLAIR + T1w pairs; puzzles/s between the second and the last progress event", "",
+             "| network | 1 thread | 2 threads |", "|---|---|---|"]
+    for name, flags in networks.items():
+        rates = []
+        for threads in (1, 2):
+            run = args.out / f"throughput_{'nnunet' if '--plans' in flags else 'ours'}_{threads}"
+            shutil.rmtree(run, ignore_errors=True)  # a fresh run each time: its rate, not a resume's
+            result = subprocess.run(
+                [sys.executable, "-m", "RubikSSLLib", "pretrain", *flags, *data, "--task", "rubik", *PRETEXT["rubik"],
+                 "--out", str(run), "--steps", str(steps), "--eval-every", str(steps), "--batch-size",
+                 str(args.pretrain_batch_size), "--val-puzzles", "2", "--shortcut-puzzles", "0", "--progress", "json"],
+                capture_output=True, text=True, env=thread_environment(threads), cwd=REPO, check=True)
+            rates.append(steady_rate([e for e in map(progress.parse_line, result.stdout.splitlines()) if e])[0])
+        lines.append(f"| {name} | {rates[0]:.2f} | {rates[1]:.2f} |")
+    return lines
 
 
 def child(arguments: list[str], threads: int) -> None:
@@ -325,6 +357,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tasks", default="rubik,mae", help=f"pretext tasks, from {','.join(PRETEXT)}")
     parser.add_argument("--folds", default="0,1,2,3")
+    parser.add_argument("--throughput", action="store_true",
+                        help="instead: Rubik pretraining puzzles/s on nnU-Net's network and on ours, 1 and 2 threads")
     parser.add_argument("--one-nnunet", nargs=2, metavar=("ARM", "FOLD"), help=argparse.SUPPRESS)
     parser.add_argument("--weights", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -333,6 +367,9 @@ def main() -> None:
         train_one_nnunet(args.one_nnunet[0], int(args.one_nnunet[1]), args.weights, args)
         return
     plans = planned_dataset(args.out, args.spacing)
+    if args.throughput:
+        print("\n".join(throughput(plans, args)))
+        return
     folds = [int(f) for f in args.folds.split(",")]
     pretext = {task: pretrain(task, plans, args.out, args) for task in args.tasks.split(",")}
     arms = {"nnU-Net scratch": [nnunet_run("scratch", f, None, args) for f in folds]}

@@ -21,9 +21,11 @@ takes them), and the memory copy rate that bounds a machine with more cores.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import random
+import statistics
 import sys
 import time
 import types
@@ -41,7 +43,6 @@ from RubikSSLLib import datasources, devicepuzzle, puzzle, sampling  # noqa: E40
 from RubikSSLLib.config import PretrainConfig  # noqa: E402
 from RubikSSLLib.intensity import IntensityRecipe  # noqa: E402
 from RubikSSLLib.tasks.rubik import RubikTask  # noqa: E402
-from bench_pretraining import median_rate  # noqa: E402  (this folder is on the path of a script run from it)
 
 BRATS = REPO.parent / "shared/data/seg/brats2015_deepmedic/brats_2013_pat0001_1/Flair_subtrMeanDivStd.nii.gz"
 CUBE, JITTER, CUBES = 64, 10, 8
@@ -89,31 +90,60 @@ def plain_gather(volume: np.ndarray, corners: np.ndarray) -> np.ndarray:
     return out
 
 
+def interleaved_rates(actions: dict[str, tuple[int, object]], repeats: int) -> dict[str, list[float]]:
+    """name -> its rates (items/s) over `repeats` rounds; each round times every action once, one after the other,
+    so that the rows of one round share the machine's state (another process's memory traffic, say)."""
+    for _, action in actions.values():
+        action()  # page in the code and the volume
+    rates: dict[str, list[float]] = {name: [] for name in actions}
+    for _ in range(repeats):
+        for name, (count, action) in actions.items():
+            started = time.perf_counter()
+            action()
+            rates[name].append(count / (time.perf_counter() - started))
+    return rates
+
+
+MEDICAL_SSL, PLAIN = "Medical-SSL's generator (RKBBase)", "plain numpy gather of 8 cubes"
+
+
 def sampler_rows(case: sampling.PreparedCase, task: RubikTask, medical_ssl, repeats: int, count: int) -> list[tuple]:
-    spec, table = task.config.puzzle, task.table
+    """(name, median puzzles/s, median ratio to Medical-SSL's, median ratio to the plain gather) per sampler, the
+    ratios taken within each round."""
+    spec = task.config.puzzle
     rng = np.random.default_rng(0)
     corners = [sampling.crop_start(case, spec.crop_size, rng) + puzzle.cube_starts(spec, rng) for _ in range(count)]
-    rows = []
-    warm = sampling.to_sample(sampling.make_puzzle(case, spec, table, rng, True))  # page in the volume and the code
-    del warm
+    on_cpu, for_gpu = copy.copy(task), copy.copy(task)
+    on_cpu.finish_on_device, for_gpu.finish_on_device = False, True  # as training on a CPU / a GPU sets it
+    batch = torch.utils.data.default_collate([for_gpu.sample(case, rng, True) for _ in range(BATCH)])
+    def each(make):  # one puzzle after another, each dropped once made (as a worker hands it on)
+        def run() -> None:
+            for index in range(count):
+                make(index)
+        return run
+
+    actions = {}
     if medical_ssl is not None:
         random.seed(0)
         np.random.seed(0)
-        rows.append(("Medical-SSL's generator (RKBBase)", median_rate(
-            count, lambda: [medical_ssl_puzzle(medical_ssl, case.array[0], spec.crop_size[0], rng) for _ in range(count)],
-            repeats)))
-    rows.append(("plain numpy gather of 8 cubes", median_rate(
-        count, lambda: [plain_gather(case.array, c) for c in corners], repeats)))
-    task.finish_on_device = False
-    rows.append(("RubikSSL finished in the sampler (CPU training; every run before)", median_rate(
-        count, lambda: [task.sample(case, rng, True) for _ in range(count)], repeats)))
-    task.finish_on_device = True  # as training on a GPU sets it
-    rows.append(("RubikSSL for a GPU: the worker's sample (gather + labels)", median_rate(
-        count, lambda: [task.sample(case, rng, True) for _ in range(count)], repeats)))
-    batch = torch.utils.data.default_collate([task.sample(case, rng, True) for _ in range(BATCH)])
-    rows.append((f"  its devicepuzzle.finish, run on this CPU (batches of {BATCH})", median_rate(
-        BATCH * 4, lambda: [task.network_input(batch) for _ in range(4)], repeats)))
-    return rows
+        actions[MEDICAL_SSL] = (count, each(lambda _: medical_ssl_puzzle(medical_ssl, case.array[0], spec.crop_size[0],
+                                                                         rng)))
+    actions[PLAIN] = (count, each(lambda index: plain_gather(case.array, corners[index])))
+    actions["RubikSSL finished in the sampler (CPU training; every run before)"] = (
+        count, each(lambda _: on_cpu.sample(case, rng, True)))
+    actions["RubikSSL for a GPU: the worker's sample (gather + labels)"] = (
+        count, each(lambda _: for_gpu.sample(case, rng, True)))
+    actions[f"  its devicepuzzle.finish, run on this CPU (batches of {BATCH})"] = (
+        BATCH * 4, lambda: [for_gpu.network_input(batch).shape for _ in range(4)])
+    rates = interleaved_rates(actions, repeats)
+
+    def ratio(name: str, reference: str) -> float:
+        if reference not in rates:
+            return float("nan")
+        return statistics.median(a / b for a, b in zip(rates[name], rates[reference]))
+
+    return [(name, statistics.median(values), ratio(name, MEDICAL_SSL), ratio(name, PLAIN))
+            for name, values in rates.items()]
 
 
 def loader_rate(task: RubikTask, case: sampling.PreparedCase, workers: int, batches: int) -> float:
@@ -135,7 +165,7 @@ def copy_rate_gb_s(repeats: int) -> float:
     """One thread's memory copy rate (GB/s read + written) on 256 MiB, the bound of a gather-only sampler."""
     source = np.ones(64 * 2**20, dtype=np.float32)
     target = np.empty_like(source)
-    return 2 * source.nbytes / 1e9 * median_rate(1, lambda: np.copyto(target, source), repeats)
+    return 2 * source.nbytes / 1e9 * statistics.median(interleaved_rates({"copy": (1, lambda: np.copyto(target, source))}, repeats)["copy"])
 
 
 def main() -> None:
@@ -153,14 +183,12 @@ def main() -> None:
     case = sampling.prepare(volume, config.puzzle, IntensityRecipe("mri"))
 
     rows = sampler_rows(case, task, medical_ssl, args.repeats, args.puzzles)
-    rates = dict(rows)
-    reference = {name: rates.get(name) for name in ("Medical-SSL's generator (RKBBase)", "plain numpy gather of 8 cubes")}
     print(f"One thread; {case.array.shape[1:]} voxels (z, y, x), 8 cubes of {CUBE}^3, jitter {JITTER}; median of "
-          f"{args.repeats} x {args.puzzles} puzzles; torch {torch.__version__}, numpy {np.__version__}\n")
+          f"{args.repeats} rounds of {args.puzzles} puzzles, the rows of a round run one after the other (ratios "
+          f"within a round); torch {torch.__version__}, numpy {np.__version__}\n")
     print("| sampler | puzzles/s | vs Medical-SSL | vs plain gather |\n|---|---|---|---|")
-    for name, rate in rows:
-        ratios = [f"{rate / base:.2f}" if base else "–" for base in reference.values()]
-        print(f"| {name} | {rate:.0f} | {' | '.join(ratios)} |")
+    for name, rate, *ratios in rows:
+        print(f"| {name} | {rate:.0f} | {' | '.join('–' if r != r else f'{r:.2f}' for r in ratios)} |")
 
     print(f"\n| DataLoader workers (batches of {BATCH}, the main process only takes them) | puzzles/s | per worker |")
     print("|---|---|---|")
