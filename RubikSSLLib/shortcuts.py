@@ -38,8 +38,7 @@ def trivial_ordering_accuracy(task, cases: list, puzzles: int = 2000, seed: int 
     drawn from `cases` (sampling.PreparedCase), 80 % to fit and 20 % to score; chance is 1/K."""
     rng = np.random.default_rng([seed, 31337])
     samples = [task.sample(cases[int(rng.integers(len(cases)))], rng, True) for _ in range(puzzles)]
-    seen = [task.network_input({k: v[None] for k, v in s.items()})[0] for s in samples]  # as the network sees them
-    cues = np.stack([cube_cues(cubes.numpy()) for cubes in seen])
+    cues = np.stack([cube_cues(s["cubes"].numpy()) for s in samples])
     order = np.array([int(s["order"]) for s in samples])
     split = int(0.8 * puzzles)
     classes = task.config.puzzle.num_permutations

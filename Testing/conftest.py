@@ -14,6 +14,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+SHARED_DATA = Path(os.environ.get("RUBIKSSL_SHARED_DATA", REPO.parent / "shared" / "data"))
+ADRENAL = SHARED_DATA / "cls" / "adrenalmnist3d_64_trainval.npz"
+HEAD_MR = SHARED_DATA / "pretrain" / "HeadMRVolume.mhd"
+
 
 def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -33,9 +37,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         definitions = getattr(item, "_fixtureinfo", None)
         if definitions and any(d.scope == "module" for defs in definitions.name2fixturedefs.values() for d in defs):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-SHARED_DATA = Path(os.environ.get("RUBIKSSL_SHARED_DATA", REPO.parent / "shared" / "data"))
-ADRENAL = SHARED_DATA / "cls" / "adrenalmnist3d_64_trainval.npz"
-HEAD_MR = SHARED_DATA / "pretrain" / "HeadMRVolume.mhd"
 
 
 def shared(relative: str) -> Path:
