@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from RubikSSLLib import checkpoint, datasources, feeding, rundir, sampling, shortcuts, stopping, tasks
+from RubikSSLLib import batchslots, checkpoint, datasources, feeding, rundir, sampling, shortcuts, stopping, tasks
 from RubikSSLLib.config import PretrainConfig
 from RubikSSLLib.devices import autocast_dtype
 from RubikSSLLib.errors import BadInput
@@ -224,9 +224,10 @@ class Pretraining(RunLoop):
         if workers < 0:  # CPU: samples made between steps; CUDA: as many workers as the step consumes
             workers = 0 if self.device.type == "cpu" else self.measured_workers()
         stream = sampling.SampleStream(self.train_cases, self.task.sample, self.config.seed, self.distributed.rank, self.step)
-        loader = torch.utils.data.DataLoader(stream, batch_size=self.config.batch_size, num_workers=workers,
-                                             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
-        return iter(loader)
+        if workers > 0:  # workers write into reused shared memory, copied to the device (batchslots.py)
+            return batchslots.SlotLoader(stream, self.config.batch_size, workers, self.device)
+        return iter(torch.utils.data.DataLoader(stream, batch_size=self.config.batch_size,
+                                                pin_memory=self.device.type == "cuda"))
 
     def measured_workers(self) -> int:
         """The DataLoader workers this run's device needs (feeding.workers_needed), from the measured time to make

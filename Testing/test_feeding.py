@@ -3,6 +3,7 @@ exact arithmetic; the measurement runs here on CPU (the same code the CUDA path 
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ADRENAL
-from RubikSSLLib import feeding, training
+from RubikSSLLib import batchslots, feeding, sampling, training
 from RubikSSLLib.config import PretrainConfig
 from RubikSSLLib.networks import EncoderConfig
 from RubikSSLLib.progress import Reporter
@@ -63,3 +64,49 @@ def test_seconds_per_sample_uses_its_own_generator() -> None:
     seconds = feeding.seconds_per_sample(lambda rng: drawn.append(float(rng.random())), count=4)
     assert seconds >= 0 and len(drawn) == 5
     assert drawn == list(np.random.default_rng(12345).random(5))
+
+
+def slot_run(tmp_path: Path, batch_size: int = 3) -> training.Pretraining:
+    config = PretrainConfig(data=[str(ADRENAL)], out=str(tmp_path / "run"), task="rubik",
+                            encoder=EncoderConfig(1, (8, 16), (1, 2)), spacing_mm=None, batch_size=batch_size,
+                            puzzle=PuzzleSpec(cube_size=(12, 12, 12), jitter=(2, 2, 2)), val_puzzles=4,
+                            shortcut_puzzles=0, device="cpu")
+    run = training.Pretraining(config, Reporter("none"))
+    run._setup()
+    return run
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("finish_on_device", [False, True])
+def test_slot_batches_are_the_dataloader_batches_and_stay_the_callers(tmp_path: Path, workers: int,
+                                                                      finish_on_device: bool) -> None:
+    """The workers reuse their shared-memory slots (batchslots.py): the batches must be exactly the DataLoader's over
+    the same stream (same samples, same order, every field), through many rounds of every slot, and a batch the
+    caller keeps must not change while its slot is written again."""
+    run = slot_run(tmp_path)
+    run.task.finish_on_device = finish_on_device  # as a CUDA run sets it: raw cubes and their window
+    count = 3 * batchslots.SLOTS * workers
+
+    def stream() -> sampling.SampleStream:
+        return sampling.SampleStream(run.train_cases, run.task.sample, seed=5, rank=0, start_step=7)
+
+    loader = torch.utils.data.DataLoader(stream(), batch_size=3, num_workers=workers)
+    expected = list(itertools.islice(loader, count))
+    slots = batchslots.SlotLoader(stream(), 3, workers, torch.device("cpu"))
+    got = list(itertools.islice(slots, count))
+    assert {"cubes", "order", "rotations"} <= got[0].keys() and ("window" in got[0]) == finish_on_device
+    for mine, theirs in zip(got, expected, strict=True):
+        assert mine.keys() == theirs.keys()
+        assert all(mine[k].dtype == theirs[k].dtype and torch.equal(mine[k], theirs[k]) for k in mine)
+    assert not torch.equal(got[0]["cubes"], got[1]["cubes"])  # the comparison sees different batches
+    # got was compared after all of it was drawn: a kept batch survived three rounds of its slot. Busy now: at most
+    # the batches each worker made ahead (the bound SLOTS is sized by)
+    assert max(slots.batches.busy.sum(dim=1).tolist()) <= batchslots.PREFETCH
+
+
+def test_a_sample_of_another_shape_is_refused_by_name() -> None:
+    batch = {"cubes": torch.zeros(2, 8, 1, 4, 4, 4)}
+    with pytest.raises(ValueError, match="'cubes' is \\(8, 1, 5, 5, 5\\)"):
+        batchslots._write(batch, 0, {"cubes": torch.zeros(8, 1, 5, 5, 5)})
+    with pytest.raises(ValueError, match="fields"):
+        batchslots._write(batch, 0, {"cubes": torch.zeros(8, 1, 4, 4, 4), "order": torch.tensor(1)})

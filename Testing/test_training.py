@@ -246,3 +246,21 @@ def test_a_run_that_finishes_puzzles_on_the_device_trains_what_a_cpu_run_trains(
     assert device_metrics == cpu_metrics
     assert cpu_weights.keys() == device_weights.keys()
     assert all(torch.equal(cpu_weights[k], device_weights[k]) for k in cpu_weights)
+
+
+def test_a_run_fed_by_a_worker_trains_what_a_run_without_workers_trains(small_adrenal: Path, tmp_path: Path) -> None:
+    """`--workers 1` hands the batches through the worker's reused shared-memory slots (batchslots.py), with BN
+    recalibration and evaluation drawing from the same loader: the weights and metrics must be those of the run that
+    makes its batches in the training process (one worker draws the same seeded stream)."""
+    from safetensors.torch import load_file
+
+    def train(workers: str) -> tuple[dict, list[str]]:
+        out = tmp_path / f"workers{workers}"
+        result = rubikssl("pretrain", "--data", str(small_adrenal), "--out", str(out), "--steps", "4", "--eval-every",
+                          "2", *TINY_RUN, "--progress", "none", "--shortcut-puzzles", "0", "--workers", workers)
+        assert result.returncode == 0, result.stderr
+        return load_file(out / "model.safetensors"), (out / rundir.METRICS).read_text().splitlines()
+
+    (alone, alone_metrics), (fed, fed_metrics) = train("0"), train("1")
+    assert fed_metrics == alone_metrics and len(fed_metrics) >= 2
+    assert alone.keys() == fed.keys() and all(torch.equal(alone[k], fed[k]) for k in alone)

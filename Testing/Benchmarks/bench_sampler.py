@@ -14,8 +14,9 @@ volume (BraTS 2013 pat0001 FLAIR, 155x240x240), so the rates compare in one run:
   (and as every run made them before issue 25).
 - RubikSSL for a GPU: the worker gathers the shuffled cubes and draws the labels; devicepuzzle.finish turns and
   scales them on the batch on the GPU (its cost on this CPU is a row of its own; on a GPU it is bench_gpu's).
-Then the DataLoader with 0, 1 and 2 workers making the GPU's samples (batches of 8 puzzles, the main process only
-takes them), and the memory copy rate that bounds a machine with more cores.
+Then 0, 1 and 2 workers making the GPU's samples in batches of 8 puzzles: torch's DataLoader (a fresh shared-memory
+segment per batch; the main process only takes it) beside the product's SlotLoader (batchslots.py: reused slots,
+each batch copied out), and the memory copy rate that bounds a machine with more cores.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from RubikSSLLib import datasources, devicepuzzle, puzzle, sampling  # noqa: E402
+from RubikSSLLib import batchslots, datasources, devicepuzzle, puzzle, sampling  # noqa: E402
 from RubikSSLLib.config import PretrainConfig  # noqa: E402
 from RubikSSLLib.intensity import IntensityRecipe  # noqa: E402
 from RubikSSLLib.tasks.rubik import RubikTask  # noqa: E402
@@ -146,12 +147,17 @@ def sampler_rows(case: sampling.PreparedCase, task: RubikTask, medical_ssl, repe
             for name, values in rates.items()]
 
 
-def loader_rate(task: RubikTask, case: sampling.PreparedCase, workers: int, batches: int) -> float:
-    """Puzzles/s of task.sample that a DataLoader with `workers` delivers to a main process that only takes them."""
+def loader_rate(task: RubikTask, case: sampling.PreparedCase, workers: int, batches: int, slots: bool) -> float:
+    """Puzzles/s of task.sample delivered in batches of BATCH to a main process: torch's DataLoader (a fresh shared
+    segment per batch, which the main process only takes, never reads) or, slots=True, the product's SlotLoader
+    (reused shared-memory slots, each batch copied out into the main process's memory, as a CPU run gets it)."""
     stream = sampling.SampleStream([case], task.sample, seed=0)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=BATCH, num_workers=workers,
-                                              persistent_workers=workers > 0))
-    for _ in range(2 * max(1, workers)):  # start-up and each worker's first batch
+    if slots:
+        loader = batchslots.SlotLoader(stream, BATCH, workers, torch.device("cpu"))
+    else:
+        loader = iter(torch.utils.data.DataLoader(stream, batch_size=BATCH, num_workers=workers,
+                                                  persistent_workers=workers > 0))
+    for _ in range(2 * max(1, workers) * batchslots.SLOTS):  # start-up, and every slot of every worker once
         next(loader)
     started = time.perf_counter()
     for _ in range(batches):
@@ -190,18 +196,21 @@ def main() -> None:
     for name, rate, *ratios in rows:
         print(f"| {name} | {rate:.0f} | {' | '.join('–' if r != r else f'{r:.2f}' for r in ratios)} |")
 
-    print(f"\n| DataLoader workers (batches of {BATCH}, the main process only takes them) | puzzles/s | per worker |")
-    print("|---|---|---|")
+    gpu_task = copy.copy(task)
+    gpu_task.finish_on_device = True  # the workers make what a GPU run asks of them
+    print(f"\n| workers making the GPU's samples (batches of {BATCH}) | torch DataLoader, puzzles/s | "
+          "RubikSSL's slot loader (batchslots), puzzles/s |\n|---|---|---|")
     single = None
     for workers in (0, 1, 2):
-        rate = loader_rate(task, case, workers, args.batches)
-        single = rate if workers == 1 else single
-        print(f"| {workers} | {rate:.0f} | {rate / max(1, workers):.0f} |")
-    copy = copy_rate_gb_s(args.repeats)
-    bytes_per_puzzle = 3 * 2 * CUBES * CUBE**3 * 4  # read + write of the gather, the sample into the batch, the batch out
-    print(f"\nOne thread copies {copy:.1f} GB/s; a puzzle moves about {bytes_per_puzzle / 1e6:.0f} MB (read and write of the "
-          f"gather, of the batch and of its hand-over), so one core's copy rate bounds a worker at "
-          f"{copy * 1e9 / bytes_per_puzzle:.0f} puzzles/s; 16 workers at the measured 1-worker rate would make "
+        torch_rate = loader_rate(gpu_task, case, workers, args.batches, slots=False)
+        slot_rate = loader_rate(gpu_task, case, workers, args.batches, slots=True) if workers else float("nan")
+        single = slot_rate if workers == 1 else single
+        print(f"| {workers} | {torch_rate:.0f} | {'–' if workers == 0 else f'{slot_rate:.0f}'} |")
+    copy_gb_s = copy_rate_gb_s(args.repeats)
+    bytes_per_puzzle = 2 * 2 * CUBES * CUBE**3 * 4  # read + write of the gather into the slot and of the copy out
+    print(f"\nOne thread copies {copy_gb_s:.1f} GB/s; a puzzle moves about {bytes_per_puzzle / 1e6:.0f} MB through a slot loader (read "
+          f"and write of the gather into the slot and of the copy out), so one core's copy rate bounds a worker at "
+          f"{copy_gb_s * 1e9 / bytes_per_puzzle:.0f} puzzles/s; 16 workers at the measured 1-worker rate would make "
           f"{16 * single:.0f} puzzles/s while the machine's memory moves at least "
           f"{16 * single * bytes_per_puzzle / 1e9:.0f} GB/s for them.")
 

@@ -1,0 +1,105 @@
+"""DataLoader workers hand their batches to the training process through shared-memory slots they reuse.
+
+torch's DataLoader gives every batch a fresh shared-memory segment: the worker faults in (and the kernel zero-fills)
+every page it writes, and the training process faults every page again when it reads them. For a GPU's batches
+(8 puzzles of 8 x 64³ float32 cubes: 64 MB) that page work, not the sampler, bounded the feed: one worker delivered
+88 puzzles/s while its sampler made 1,325/s (RESULTS §21). Here each worker keeps SLOTS batch buffers in shared
+memory for the whole run; the training process keeps them mapped, copies each batch out (to the device, or to its
+own memory on a CPU) and marks the slot free. The batches are those of a DataLoader over the same SampleStream
+(the same samples in the same order), so a run trains the same weights either way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from RubikSSLLib.sampling import SampleStream
+
+PREFETCH = 2  # batches a worker makes ahead (the DataLoader's prefetch_factor)
+# A worker's batches in flight: PREFETCH asked for (one being made) and the one being copied out, so a worker
+# never waits for a slot; the extra one keeps that true if torch asks one batch earlier than this counts.
+SLOTS = PREFETCH + 2
+SLOT_KEY = "_slot"  # (worker, slot) of a batch, taken out before the batch is handed on
+WAIT_S = 120.0  # a slot busy this long means the training process has gone: the worker stops
+
+
+class SlotBatches(torch.utils.data.IterableDataset):
+    """Batches of `batch_size` samples of `stream`, written into a worker's reused shared-memory slots. Iterate it
+    only through SlotLoader, which frees the slots."""
+
+    def __init__(self, stream: SampleStream, batch_size: int, workers: int) -> None:
+        super().__init__()
+        self.stream, self.batch_size = stream, batch_size
+        self.busy = torch.zeros((workers, SLOTS), dtype=torch.uint8).share_memory_()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        samples = iter(self.stream)
+        buffers: list[dict[str, torch.Tensor]] = []
+        for slot in itertools.cycle(range(SLOTS)):
+            first = next(samples)
+            if len(buffers) < SLOTS:
+                buffers.append({key: torch.empty((self.batch_size, *value.shape), dtype=value.dtype).share_memory_()
+                                for key, value in first.items()})
+            self._wait_until_free(worker, slot)
+            batch = buffers[slot]
+            _write(batch, 0, first)
+            for position in range(1, self.batch_size):
+                _write(batch, position, next(samples))
+            self.busy[worker, slot] = 1
+            yield batch | {SLOT_KEY: torch.tensor([worker, slot])}
+
+    def _wait_until_free(self, worker: int, slot: int) -> None:
+        waited = time.monotonic()
+        while self.busy[worker, slot]:
+            if time.monotonic() - waited > WAIT_S:
+                raise RuntimeError(f"DataLoader worker {worker}: batch slot {slot} was not freed in {WAIT_S:.0f} s")
+            time.sleep(0.001)
+
+
+def _write(batch: dict[str, torch.Tensor], position: int, sample: dict[str, torch.Tensor]) -> None:
+    if sample.keys() != batch.keys():
+        raise ValueError(f"a sample has the fields {sorted(sample)}, the batch {sorted(batch)}")
+    for key, value in sample.items():
+        if value.shape != batch[key].shape[1:]:
+            raise ValueError(f"sample field {key!r} is {tuple(value.shape)}, the batch's {tuple(batch[key].shape[1:])}:"
+                             " every sample of a run must have the same shape")
+        batch[key][position].copy_(value)
+
+
+class SlotLoader:
+    """Batches of SlotBatches from `workers` DataLoader workers (at least 1), each copied to `device` before its
+    slot is freed, so the caller may keep a batch as long as it likes."""
+
+    def __init__(self, stream: SampleStream, batch_size: int, workers: int, device: torch.device) -> None:
+        if workers < 1:
+            raise ValueError("SlotLoader needs at least one worker; without workers use a DataLoader")
+        self.batches = SlotBatches(stream, batch_size, workers)
+        self.device = device
+        self.loader = iter(torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=workers,
+                                                       prefetch_factor=PREFETCH, persistent_workers=True))
+        # Holding every slot's tensors keeps its shared memory mapped here: torch's storage cache then hands the
+        # next batch from that slot over without mapping (and faulting in) its pages again.
+        self.mapped: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def __iter__(self) -> SlotLoader:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        batch = next(self.loader)
+        worker, slot = (int(i) for i in batch.pop(SLOT_KEY))
+        self.mapped[worker, slot] = batch
+        copied = {key: self._copy_out(value) for key, value in batch.items()}
+        self.batches.busy[worker, slot] = 0
+        return copied
+
+    def _copy_out(self, value: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cpu":  # numpy's allocation asks for huge pages: fewer page faults than torch.empty's
+            return torch.from_numpy(np.array(value.numpy(), copy=True))
+        return value.to(self.device)  # synchronous from pageable memory: the slot is read before it is freed
