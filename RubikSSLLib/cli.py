@@ -11,10 +11,14 @@ import warnings
 from pathlib import Path
 
 import RubikSSLLib
-from RubikSSLLib import __version__, stopping
-from RubikSSLLib.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK, BadInput, Cancelled
-from RubikSSLLib.files import real_name, write_refusal
-from RubikSSLLib.progress import MODES, Reporter
+from RubikSSLLib import hugepages
+
+hugepages.request()  # before anything imports torch: the commands' processes allocate on huge pages
+
+from RubikSSLLib import __version__, stopping  # noqa: E402
+from RubikSSLLib.errors import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK, BadInput, Cancelled  # noqa: E402
+from RubikSSLLib.files import real_name, write_refusal  # noqa: E402
+from RubikSSLLib.progress import MODES, Reporter  # noqa: E402
 
 SAMPLE_DATA = Path(__file__).resolve().parent / "sample_data"
 STOP_FILE_VARIABLE = "RUBIKSSL_STOP_FILE"  # jobs.STOP_FILE_VARIABLE (not imported: jobs is the panel's side)

@@ -31,6 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+from RubikSSLLib import hugepages  # noqa: E402
+
+hugepages.request()  # as the command line's processes run (torch is imported later, in the measurements)
 BRATS = REPO.parent / "shared/data/seg/brats2015_deepmedic"
 CASES = ("brats_2013_pat0001_1", "brats_2013_pat0002_1", "brats_2013_pat0003_1", "brats_2013_pat0005_1")
 

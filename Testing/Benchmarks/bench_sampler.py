@@ -33,12 +33,15 @@ import types
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from RubikSSLLib import hugepages  # noqa: E402
+
+hugepages.request()  # as the command line's processes run
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 
 from RubikSSLLib import batchslots, datasources, devicepuzzle, puzzle, sampling  # noqa: E402
 from RubikSSLLib.config import PretrainConfig  # noqa: E402
