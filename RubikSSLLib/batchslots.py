@@ -95,11 +95,13 @@ class SlotLoader:
         batch = next(self.loader)
         worker, slot = (int(i) for i in batch.pop(SLOT_KEY))
         self.mapped[worker, slot] = batch
-        copied = {key: self._copy_out(value) for key, value in batch.items()}
+        copied = {key: copy_out(value, self.device) for key, value in batch.items()}
         self.batches.busy[worker, slot] = 0
         return copied
 
-    def _copy_out(self, value: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cpu":  # numpy's allocation asks for huge pages: fewer page faults than torch.empty's
-            return torch.from_numpy(np.array(value.numpy(), copy=True))
-        return value.to(self.device)  # synchronous from pageable memory: the slot is read before it is freed
+
+def copy_out(value: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of a slot's tensor on `device`, complete when this returns (the slot may be rewritten after)."""
+    if device.type == "cpu":  # numpy asks for huge pages even where torch was not told to (hugepages.py)
+        return torch.from_numpy(np.array(value.numpy(), copy=True))
+    return value.to(device)  # synchronous from pageable memory: the slot is read before it is freed

@@ -177,6 +177,12 @@ def copy_rate_gb_s(repeats: int) -> float:
     return 2 * source.nbytes / 1e9 * statistics.median(interleaved_rates({"copy": (1, lambda: np.copyto(target, source))}, repeats)["copy"])
 
 
+def copy_out_rate(repeats: int) -> float:
+    """Puzzles/s of SlotLoader's copy-out on a CPU: one batch of BATCH puzzles copied out of a (reused) slot."""
+    slot, cpu = torch.ones(BATCH, CUBES, 1, CUBE, CUBE, CUBE), torch.device("cpu")
+    return BATCH * statistics.median(interleaved_rates({"out": (1, lambda: batchslots.copy_out(slot, cpu))}, repeats)["out"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--medical-ssl", type=Path, help="a checkout of Medical-SSL (the baseline row)")
@@ -210,13 +216,13 @@ def main() -> None:
         single = slot_rate if workers == 1 else single
         print(f"| {workers} | {torch_rate:.0f} | {'–' if workers == 0 else f'{slot_rate:.0f}'} |")
     copy_gb_s = copy_rate_gb_s(args.repeats)
-    bytes_per_puzzle = 2 * 2 * CUBES * CUBE**3 * 4  # read + write of the gather into the slot and of the copy out
-    print(f"\nOne thread copies {copy_gb_s:.1f} GB/s; a puzzle moves about {bytes_per_puzzle / 1e6:.0f} MB through a slot loader (read "
-          f"and write of the gather into the slot and of the copy out), so one core's copy rate bounds a worker at "
-          f"{copy_gb_s * 1e9 / bytes_per_puzzle:.0f} puzzles/s; 16 workers at the measured 1-worker rate would make "
-          f"{16 * single:.0f} puzzles/s while the machine's memory moves at least "
-          f"{16 * single * bytes_per_puzzle / 1e9:.0f} GB/s for them.")
-
+    copy_out = copy_out_rate(args.repeats)
+    bytes_per_puzzle = 2 * CUBES * CUBE**3 * 4  # read + write of the worker's gather into its slot
+    print(f"\nOne thread copies {copy_gb_s:.1f} GB/s; a worker's gather into its slot moves {bytes_per_puzzle / 1e6:.0f} MB a "
+          f"puzzle, so one core's copy rate bounds a worker at {copy_gb_s * 1e9 / bytes_per_puzzle:.0f} puzzles/s. The "
+          f"training process copies each batch out of its slot (into fresh memory, as a CPU run does) at "
+          f"{copy_out:.0f} puzzles/s: with 16 cores, 15 workers at the measured 1-worker rate would make "
+          f"{15 * single:.0f} puzzles/s, and that one copy-out bounds the training process at {copy_out:.0f}.")
 
 if __name__ == "__main__":
     main()
