@@ -12,12 +12,15 @@ own memory on a CPU) and marks the slot free. The batches are those of a DataLoa
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import time
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from RubikSSLLib import stopping
 from RubikSSLLib.sampling import SampleStream
 
 PREFETCH = 2  # batches a worker makes ahead (the DataLoader's prefetch_factor)
@@ -25,7 +28,7 @@ PREFETCH = 2  # batches a worker makes ahead (the DataLoader's prefetch_factor)
 # never waits for a slot; the extra one keeps that true if torch asks one batch earlier than this counts.
 SLOTS = PREFETCH + 2
 SLOT_KEY = "_slot"  # (worker, slot) of a batch, taken out before the batch is handed on
-WAIT_S = 120.0  # a slot busy this long means the training process has gone: the worker stops
+WAIT_S = 120.0  # a slot busy this long while the training process lives: a defect, said as an error
 
 
 class SlotBatches(torch.utils.data.IterableDataset):
@@ -40,6 +43,7 @@ class SlotBatches(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info else 0
+        parent = os.getppid()  # the training process (as torch's own worker watchdog assumes)
         samples = iter(self.stream)
         buffers: list[dict[str, torch.Tensor]] = []
         for slot in itertools.cycle(range(SLOTS)):
@@ -47,7 +51,8 @@ class SlotBatches(torch.utils.data.IterableDataset):
             if len(buffers) < SLOTS:
                 buffers.append({key: torch.empty((self.batch_size, *value.shape), dtype=value.dtype).share_memory_()
                                 for key, value in first.items()})
-            self._wait_until_free(worker, slot)
+            if not self.wait_until_free(worker, slot, parent):
+                return  # the training process is gone (killed): nobody will free the slot
             batch = buffers[slot]
             _write(batch, 0, first)
             for position in range(1, self.batch_size):
@@ -55,12 +60,27 @@ class SlotBatches(torch.utils.data.IterableDataset):
             self.busy[worker, slot] = 1
             yield batch | {SLOT_KEY: torch.tensor([worker, slot])}
 
-    def _wait_until_free(self, worker: int, slot: int) -> None:
+    def wait_until_free(self, worker: int, slot: int, parent: int) -> bool:
+        """Wait until the training process has copied the slot's last batch out; False if that process (`parent`,
+        its pid) is gone. Never waits in a run that goes on: SLOTS exceeds what a worker has in flight."""
         waited = time.monotonic()
         while self.busy[worker, slot]:
+            if os.getppid() != parent:
+                return False
             if time.monotonic() - waited > WAIT_S:
                 raise RuntimeError(f"DataLoader worker {worker}: batch slot {slot} was not freed in {WAIT_S:.0f} s")
             time.sleep(0.001)
+        return True
+
+
+def ignore_stop_signals(worker: int) -> None:
+    """A cancel is the training process's to carry out: the panel's SIGTERM and a terminal's Ctrl-C go to the whole
+    process group, and a worker they killed would take the batches of the cancel's checkpoint with it (a run with
+    nothing saved yet would then be removed). The workers ignore them and are shut down by the training process after
+    its checkpoint; a kill of the group still ends them at once, and orphaned by a kill -9 of the training process
+    alone they stop by themselves (torch's watchdog, SlotBatches.wait_until_free)."""
+    for number in stopping.SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
 
 
 def _write(batch: dict[str, torch.Tensor], position: int, sample: dict[str, torch.Tensor]) -> None:
@@ -83,7 +103,8 @@ class SlotLoader:
         self.batches = SlotBatches(stream, batch_size, workers)
         self.device = device
         self.loader = iter(torch.utils.data.DataLoader(self.batches, batch_size=None, num_workers=workers,
-                                                       prefetch_factor=PREFETCH, persistent_workers=True))
+                                                       prefetch_factor=PREFETCH, persistent_workers=True,
+                                                       worker_init_fn=ignore_stop_signals))
         # Holding every slot's tensors keeps its shared memory mapped here: torch's storage cache then hands the
         # next batch from that slot over without mapping (and faulting in) its pages again.
         self.mapped: dict[tuple[int, int], dict[str, torch.Tensor]] = {}

@@ -4,6 +4,8 @@ exact arithmetic; the measurement runs here on CPU (the same code the CUDA path 
 from __future__ import annotations
 
 import itertools
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +112,13 @@ def test_a_sample_of_another_shape_is_refused_by_name() -> None:
         batchslots._write(batch, 0, {"cubes": torch.zeros(8, 1, 5, 5, 5)})
     with pytest.raises(ValueError, match="fields"):
         batchslots._write(batch, 0, {"cubes": torch.zeros(8, 1, 4, 4, 4), "order": torch.tensor(1)})
+
+
+def test_a_worker_waits_for_a_busy_slot_only_while_the_training_process_lives(tmp_path: Path) -> None:
+    """After a kill -9 of the training process its slots stay busy: the worker must stop, not wait WAIT_S."""
+    batches = batchslots.SlotBatches(sampling.SampleStream([], lambda *a: {}, seed=0), batch_size=2, workers=1)
+    assert batches.wait_until_free(0, 1, os.getppid())  # free: no wait
+    batches.busy[0, 1] = 1
+    started = time.monotonic()
+    assert not batches.wait_until_free(0, 1, parent=-1)  # the pid it was started by is no longer its parent's
+    assert time.monotonic() - started < 1.0

@@ -129,6 +129,29 @@ def test_cancel_checkpoints_and_exits_3(small_adrenal: Path, tmp_path: Path, how
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_cancel_sent_to_the_process_group_of_a_run_with_workers_keeps_its_steps(small_adrenal: Path, tmp_path: Path,
+                                                                                 signum: int) -> None:
+    """The panel's SIGTERM and a terminal's Ctrl-C reach the DataLoader workers too (one process group): the run must
+    still checkpoint what it trained and exit 3 (the workers killed by it took the cancel's BN batches with them,
+    and the run folder, with nothing saved yet, was removed), then resume."""
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "RubikSSLLib", "pretrain", "--data", str(small_adrenal), "--out",
+                                str(run), "--steps", "100000", "--eval-every", "100000", *TINY_RUN, "--workers", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+    wait_for_progress(process, min_step=5)
+    os.killpg(process.pid, signum)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 3, stderr
+    assert "continue with --resume" in stderr
+    state = load_state(run)
+    assert state["step"] >= 5
+    resumed = rubikssl("pretrain", "--data", str(small_adrenal), "--out", str(run), "--steps", str(state["step"] + 2),
+                       "--resume", *TINY_RUN, "--workers", "1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_state(run)["step"] == state["step"] + 2
+
+
 @pytest.mark.slow
 def test_kill_9_never_leaves_an_unloadable_checkpoint(small_adrenal: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
