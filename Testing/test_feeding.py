@@ -122,3 +122,23 @@ def test_a_worker_waits_for_a_busy_slot_only_while_the_training_process_lives(tm
     started = time.monotonic()
     assert not batches.wait_until_free(0, 1, parent=-1)  # the pid it was started by is no longer its parent's
     assert time.monotonic() - started < 1.0
+
+
+def test_every_pretext_task_reaches_the_step_through_the_slots_unchanged(tmp_path: Path) -> None:
+    """Each task's sample has its own fields (masks, targets, several crops, a combined task's prefixed ones): the
+    slot loader must deliver the DataLoader's batches for all of them, whatever they hold."""
+    from RubikSSLLib import tasks
+
+    for name in [*tasks.REGISTRY, "rubik,mae=0.5"]:
+        config = PretrainConfig(data=[str(ADRENAL)], out=str(tmp_path / name), task=name,
+                                encoder=EncoderConfig(1, (8, 16), (1, 2), norm="group" if "," in name else "batch"),
+                                spacing_mm=None, batch_size=2, puzzle=PuzzleSpec(cube_size=(12, 12, 12), jitter=(2, 2, 2)),
+                                val_puzzles=4, shortcut_puzzles=0, device="cpu")
+        run = training.Pretraining(config, Reporter("none"))
+        run._setup()
+        stream = sampling.SampleStream(run.train_cases, run.task.sample, seed=1)
+        expected = list(itertools.islice(torch.utils.data.DataLoader(stream, batch_size=2), 3))
+        got = list(itertools.islice(batchslots.SlotLoader(stream, 2, 1, torch.device("cpu")), 3))
+        for mine, theirs in zip(got, expected, strict=True):
+            assert mine.keys() == theirs.keys(), name
+            assert all(torch.equal(mine[k], theirs[k]) for k in mine), name
