@@ -241,14 +241,63 @@ def _check_complete(path: Path) -> None:
         raise BadInput(f"{path}: contains {non_finite} NaN/Inf voxels; replace them (e.g. with 0) before using this volume")
 
 
+SLICE_STEP_TOLERANCE = 0.1  # a step between slice positions this far (relative) from the series' usual step: a gap
+
+
 def _read_dicom_series(folder: Path) -> sitk.Image:
     series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))
     if not series_ids:
         raise BadInput(f"{folder}: folder holds no DICOM series; pass volume files or a DICOM series folder")
-    files = max((sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids), key=len)
+    listed = [sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), sid) for sid in series_ids]
+    _check_no_unreadable_slice(folder, {Path(f).resolve() for files in listed for f in files})
+    files = max(listed, key=len)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    return reader.Execute()
+    reader.MetaDataDictionaryArrayUpdateOn()
+    image = reader.Execute()
+    _check_no_missing_slice(folder, files, [_slice_position(reader, index) for index in range(len(files))])
+    return image
+
+
+def _check_no_unreadable_slice(folder: Path, listed: set[Path]) -> None:
+    """GDCM leaves a DICOM file it cannot parse (a truncated copy) out of every series without a word, and the
+    series is then read without that slice: refuse it, naming the file."""
+    for path in sorted(folder.iterdir()):
+        if path.name.upper() == "DICOMDIR" or path.resolve() in listed or not is_dicom_file(path):
+            continue
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        try:
+            reader.ReadImageInformation()
+        except RuntimeError:
+            raise BadInput(f"{path}: is a DICOM file that cannot be read (truncated or corrupt), so its series would "
+                           "miss a slice; copy the series again") from None
+
+
+def _slice_position(reader: sitk.ImageSeriesReader, index: int) -> float | None:
+    """Slice `index`'s position (mm) along the series' normal (Image Position x the orientation's normal)."""
+    try:
+        position = np.array([float(v) for v in reader.GetMetaData(index, "0020|0032").split("\\")])
+        orientation = np.array([float(v) for v in reader.GetMetaData(index, "0020|0037").split("\\")])
+    except (RuntimeError, ValueError):
+        return None
+    if position.size != 3 or orientation.size != 6:
+        return None
+    return float(np.dot(position, np.cross(orientation[:3], orientation[3:])))
+
+
+def _check_no_missing_slice(folder: Path, files: tuple[str, ...], positions: list[float | None]) -> None:
+    """ITK stacks the slices it is given at one mean spacing, so a missing slice stretches the whole volume: refuse a
+    series whose slice positions do not step evenly. Series without positions are left to ITK."""
+    if len(files) < 3 or any(p is None for p in positions):
+        return
+    steps = np.abs(np.diff(np.asarray(positions, dtype=float)))
+    usual = float(np.median(steps))
+    worst = int(np.argmax(np.abs(steps - usual)))
+    if usual > 0 and abs(steps[worst] - usual) > SLICE_STEP_TOLERANCE * usual:
+        raise BadInput(f"{folder}: slices {Path(files[worst]).name} and {Path(files[worst + 1]).name} are "
+                       f"{steps[worst]:.3g} mm apart where the series steps {usual:.3g} mm: slices are missing (or two "
+                       "series share the folder); copy the whole series, one series per folder")
 
 
 MIN_SPACING_MM = 1e-3  # a micrometre: finer is a broken header (ITK's filters refuse it as "suspiciously small")

@@ -434,6 +434,24 @@ def test_stderr_of_a_failing_command_ends_with_its_error_and_shows_no_itk_warnin
                                    "--out", tmp_path / "run"], str(path), "truncated")
 
 
+@pytest.mark.parametrize("damage", ["truncated slice file", "slice missing"])
+def test_a_dicom_series_with_a_lost_slice_is_refused_not_stretched(tmp_path: Path, capsys, damage: str) -> None:
+    """GDCM drops a slice file it cannot parse without a word, and ITK stacks what is left at one mean spacing: 19
+    of 20 CT slices read as a volume 2.11 mm apart instead of 2 mm (every voxel past the gap displaced). Both must
+    be one line naming the file or the gap."""
+    series = tmp_path / "ct"
+    shutil.copytree(shared("pretrain/totalseg_example_ct_dicom"), series)
+    victim = sorted(series.iterdir())[9]
+    if damage == "truncated slice file":
+        victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+        fragments = (str(victim), "cannot be read (truncated or corrupt)")
+    else:
+        victim.unlink()
+        fragments = (str(series), "4 mm apart where the series steps 2 mm", "slices are missing")
+    assert_one_line_error(capsys, ["pretrain", "--data", series, "--out", tmp_path / "run", *TINY_PRETRAIN], *fragments)
+    assert not (tmp_path / "run").exists()
+
+
 # ---- the last inputs that ended in a traceback, or in a misleading line (issue: a cancel is never lost)
 
 def test_a_datalist_naming_a_missing_image_is_refused_by_the_planner_in_one_line(tmp_path: Path, capsys) -> None:
