@@ -253,12 +253,19 @@ class Pretraining(RunLoop):
 
     def _train(self) -> dict[str, float]:
         self._setup()
-        config, device = self.config, self.device
         model: nn.Module = self.model
         if self.distributed.world_size > 1:
-            device_ids = [device.index] if device.type == "cuda" else None
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
         batches = self._loader()
+        try:
+            return self._steps(model, batches)
+        finally:
+            if isinstance(batches, batchslots.SlotLoader):
+                batches.close()  # its workers end with the run, whatever ended it
+
+    def _steps(self, model: nn.Module, batches: Iterator[dict[str, torch.Tensor]]) -> dict[str, float]:
+        config, device = self.config, self.device
         dtype = autocast_dtype(config.precision, device)
         scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
         model.train()

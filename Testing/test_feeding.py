@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ADRENAL
+from conftest import ADRENAL, REPO
 from RubikSSLLib import batchslots, feeding, sampling, training
 from RubikSSLLib.config import PretrainConfig
 from RubikSSLLib.networks import EncoderConfig
@@ -142,3 +144,55 @@ def test_every_pretext_task_reaches_the_step_through_the_slots_unchanged(tmp_pat
         for mine, theirs in zip(got, expected, strict=True):
             assert mine.keys() == theirs.keys(), name
             assert all(torch.equal(mine[k], theirs[k]) for k in mine), name
+
+
+def test_a_dropped_slot_loader_stops_its_copy_thread_and_its_workers(tmp_path: Path) -> None:
+    """A run that ends (done, cancelled, failed) drops its loader: nothing of it may outlive it in the process - no
+    copy thread, no worker process (in-process runs follow one another: tests, the demo, bench_gpu)."""
+    import gc
+    import multiprocessing
+    import threading
+
+    run = slot_run(tmp_path)
+    slots = batchslots.SlotLoader(sampling.SampleStream(run.train_cases, run.task.sample, seed=0), 3, 2,
+                                  torch.device("cpu"))
+    next(slots)
+    workers = multiprocessing.active_children()
+    assert len(workers) >= 2 and slots.thread.is_alive()
+    thread = slots.thread
+    del slots
+    gc.collect()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    deadline = time.monotonic() + 30
+    while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(w.is_alive() for w in workers)
+
+
+def test_an_error_in_a_worker_reaches_the_training_process(tmp_path: Path) -> None:
+    def broken(case, rng, train):
+        raise ValueError("a sample that cannot be made")
+
+    slots = batchslots.SlotLoader(sampling.SampleStream([None], broken, seed=0), 2, 1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="a sample that cannot be made"):
+        next(slots)
+
+
+def test_a_process_that_exits_with_its_slot_loader_alive_ends(tmp_path: Path) -> None:
+    """The workers ignore SIGTERM from anyone else (the panel's group cancel), but the interpreter's exit terminates
+    them with SIGTERM and then waits for them: a process ending with a loader still referenced (an exception's
+    traceback, a global) must end, not wait for ever."""
+    code = f"""
+import sys, torch
+sys.path.insert(0, {str(REPO / 'Testing')!r})
+from pathlib import Path
+from test_feeding import slot_run
+from RubikSSLLib import batchslots, sampling
+run = slot_run(Path({str(tmp_path)!r}))
+kept = batchslots.SlotLoader(sampling.SampleStream(run.train_cases, run.task.sample, seed=0), 3, 2, torch.device("cpu"))
+next(kept)
+print("exiting", flush=True)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=90)
+    assert result.returncode == 0 and "exiting" in result.stdout, result.stderr[-2000:]
