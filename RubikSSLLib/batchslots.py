@@ -3,11 +3,11 @@
 torch's DataLoader gives every batch a fresh shared-memory segment: the worker faults in (and the kernel zero-fills)
 every page it writes, and the training process faults every page again when it reads them. For a GPU's batches
 (8 puzzles of 8 x 64³ float32 cubes: 64 MB) that page work, not the sampler, bounded the feed: one worker delivered
-88 puzzles/s while its sampler made 1,325/s (RESULTS §21). Here each worker keeps SLOTS batch buffers in shared
-memory for the whole run; the training process keeps them mapped, copies each batch out (to the device, or to its
-own memory on a CPU) and marks the slot free. The batches are those of a DataLoader over the same SampleStream
-(the same samples in the same order), so a run trains the same weights either way.
-"""
+about 100 puzzles/s while its sampler made about 1,000/s (RESULTS §21). Here each worker keeps SLOTS batch buffers
+in shared memory for the whole run; a thread of the training process keeps them mapped, copies each batch out
+(into pinned memory for a GPU, into its own memory on a CPU) and marks the slot free. The batches are those of a
+DataLoader over the same SampleStream (the same samples in the same order), so a run trains the same weights either
+way."""
 
 from __future__ import annotations
 
@@ -150,7 +150,13 @@ class SlotLoader:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        item = self.ready.get()
+        while True:
+            try:
+                item = self.ready.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.thread.is_alive():
+                    raise RuntimeError("the slot loader was closed; make a new one") from None
         if isinstance(item, BaseException):
             raise item
         return item

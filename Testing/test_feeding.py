@@ -196,3 +196,15 @@ print("exiting", flush=True)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=90)
     assert result.returncode == 0 and "exiting" in result.stdout, result.stderr[-2000:]
+
+
+def test_a_closed_slot_loader_says_so_instead_of_waiting(tmp_path: Path) -> None:
+    run = slot_run(tmp_path)
+    slots = batchslots.SlotLoader(sampling.SampleStream(run.train_cases, run.task.sample, seed=0), 3, 1,
+                                  torch.device("cpu"))
+    next(slots)
+    slots.close()
+    assert not slots.thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        while True:  # what the thread had copied ahead, then the error
+            next(slots)
