@@ -145,6 +145,7 @@ class SlotLoader:
     def close(self) -> None:
         """Stop the copy thread and the workers, and wait for them (at most about SHUTDOWN_S)."""
         self._close()
+        atexit.unregister(self._close)  # nothing left for the exit to do (in-process runs follow one another)
 
     def __iter__(self) -> SlotLoader:
         return self

@@ -166,7 +166,8 @@ def loader_rate(task: RubikTask, case: sampling.PreparedCase, workers: int, batc
     for _ in range(batches):
         next(loader)
     rate = batches * BATCH / (time.perf_counter() - started)
-    del loader
+    if slots:
+        loader.close()
     return rate
 
 
@@ -212,9 +213,9 @@ def main() -> None:
     single = None
     for workers in (0, 1, 2):
         torch_rate = loader_rate(gpu_task, case, workers, args.batches, slots=False)
-        slot_rate = loader_rate(gpu_task, case, workers, args.batches, slots=True) if workers else float("nan")
-        single = slot_rate if workers == 1 else single
-        print(f"| {workers} | {torch_rate:.0f} | {'–' if workers == 0 else f'{slot_rate:.0f}'} |")
+        slot_rate = f"{loader_rate(gpu_task, case, workers, args.batches, slots=True):.0f}" if workers else "–"
+        single = float(slot_rate) if workers == 1 else single
+        print(f"| {workers} | {torch_rate:.0f} | {slot_rate} |")
     copy_gb_s = copy_rate_gb_s(args.repeats)
     copy_out = copy_out_rate(args.repeats)
     bytes_per_puzzle = 2 * CUBES * CUBE**3 * 4  # read + write of the worker's gather into its slot
@@ -223,6 +224,7 @@ def main() -> None:
           f"training process copies each batch out of its slot (into fresh memory, as a CPU run does) at "
           f"{copy_out:.0f} puzzles/s: with 16 cores, 15 workers at the measured 1-worker rate would make "
           f"{15 * single:.0f} puzzles/s, and that one copy-out bounds the training process at {copy_out:.0f}.")
+
 
 if __name__ == "__main__":
     main()
